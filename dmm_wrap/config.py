@@ -1,0 +1,216 @@
+"""Typed configuration: what is saved with the weights, and what only drives a training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+AttributeKind = Literal["categorical", "continuous"]
+Pooling = Literal["avg", "max", "cls", "flatten"]
+NllReduction = Literal["mean", "sum"]
+AmpDtype = Literal["bfloat16", "float16"]
+
+
+def _check_choice(owner: str, key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{key} must be one of {list(choices)}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A sensitive attribute B to remove from the features.
+
+    Example:
+        >>> Attribute("hospital", "categorical", num_classes=5)
+        >>> Attribute("rotation", "continuous")
+    """
+
+    name: str
+    """Column name; attribute tensors are given in the declared order."""
+
+    kind: AttributeKind
+    """"categorical" (class ids 0..num_classes-1) or "continuous" (real values)."""
+
+    num_classes: int | None = None
+    """Number of classes; required for categorical attributes, None for continuous ones."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Attribute.name must be a non-empty string, got {self.name!r}.")
+        _check_choice("Attribute", "kind", self.kind, get_args(AttributeKind))
+        if self.kind == "categorical":
+            if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 2:
+                raise ValueError(
+                    f"Attribute {self.name!r} is categorical and needs num_classes >= 2 "
+                    f"(an int), got {self.num_classes!r}."
+                )
+        elif self.num_classes is not None:
+            raise ValueError(
+                f"Attribute {self.name!r} is continuous; num_classes must be None, got {self.num_classes!r}."
+            )
+
+    @property
+    def width(self) -> int:
+        """Width of this attribute's encoding as an input of the retaining density (one-hot or scalar)."""
+        return self.num_classes if self.kind == "categorical" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Attribute:
+        return cls(**_known_keys(cls, d, "attribute"))
+
+
+@dataclass
+class HeadConfig:
+    """Architecture of the trained heads; saved with the weights."""
+
+    h_layers: int = 3
+    """Linear layers in the debiasing map h_theta (paper: 3)."""
+
+    h_hidden: int | None = None
+    """Hidden width of h_theta; None means the feature width (paper)."""
+
+    out_dim: int | None = None
+    """Width of the debiased features; None means the feature width (paper)."""
+
+    m_layers: int = 2
+    """Linear layers in the retaining density m_phi(Z | Z~, B) (paper: 2)."""
+
+    m_hidden: int | None = None
+    """Hidden width of m_phi; None means the feature width (paper)."""
+
+    q_hidden: int | None = None
+    """Hidden width of each CLUB variational network q(B | Z~); None means the feature width."""
+
+    logvar_min: float = -6.0
+    """Lower bound of every predicted log-variance: an unbounded one lets CLUB and the NLL diverge."""
+
+    logvar_max: float = 4.0
+    """Upper bound of every predicted log-variance."""
+
+    standardize: bool = True
+    """Standardise Z (and continuous B) with statistics from a streamed pre-pass, so that one learning
+    rate suits any backbone's feature scale. Off reproduces the paper's raw-feature setting."""
+
+    def __post_init__(self) -> None:
+        for key in ("h_layers", "m_layers"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"HeadConfig.{key} must be an int >= 1, got {v!r}.")
+        for key in ("h_hidden", "out_dim", "m_hidden", "q_hidden"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"HeadConfig.{key} must be None or an int >= 1, got {v!r}.")
+        if not self.logvar_min < self.logvar_max:
+            raise ValueError(
+                f"HeadConfig.logvar_min ({self.logvar_min}) must be below logvar_max ({self.logvar_max})."
+            )
+
+
+@dataclass
+class FitConfig:
+    """Options of one training run (`DebiasedEncoder.fit`); not saved with the weights."""
+
+    epochs: int = 200
+    """Passes over the loader (paper: 200). `max_steps` stops earlier."""
+
+    max_steps: int | None = None
+    """Stop after this many optimisation steps of h_theta, whatever `epochs` says."""
+
+    lr: float = 1e-3
+    """Adam learning rate of h_theta. The paper uses 0.005 for all networks; h_theta is slowed here so that CLUB's q,
+    which must track the moving Z~, stays ahead of it (two time-scales, as in adversarial training)."""
+
+    estimator_lr: float | None = 5e-3
+    """Adam learning rate of q and m_phi (paper: 0.005); None means `lr`."""
+
+    lam: float = 0.5
+    """Weight lambda of the debiasing term: loss = lam * L_d + (1 - lam) * L_r (paper: 0.5)."""
+
+    estimator_steps: int = 3
+    """Updates of q and m_phi per update of h_theta (paper: 1). More keep CLUB's q fitted, which its bound needs:
+    an under-fitted q makes the estimate fall below the true MI, even below zero."""
+
+    warmup_steps: int = 0
+    """Steps at the start during which only q and m_phi are trained, so CLUB starts from a fitted q."""
+
+    grad_clip: float | None = 5.0
+    """Clip the gradient norm of h_theta to this value; None disables clipping."""
+
+    nll_reduction: NllReduction = "mean"
+    """"mean" averages m_phi's negative log-likelihood over feature dimensions so that L_r and L_d are of
+    comparable scale for any width; "sum" is the full joint NLL of the paper's formula."""
+
+    stats_batches: int | None = 32
+    """Batches of the streamed pre-pass that estimates the standardisation statistics; None = one epoch."""
+
+    device: str | None = None
+    """Device for the backbone and heads ("cpu", "cuda", "cuda:1"); None keeps the model's device."""
+
+    amp_dtype: AmpDtype | None = None
+    """Autocast dtype for the frozen backbone's forward ("bfloat16", "float16"); heads stay in float32."""
+
+    progress: bool = True
+    """Show a tqdm progress bar with the live loss terms."""
+
+    log_every: int = 1
+    """Record the loss terms in the history every this many steps."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "estimator_steps", "log_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"FitConfig.{key} must be an int >= 1, got {v!r}.")
+        for key in ("max_steps", "stats_batches"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"FitConfig.{key} must be None or an int >= 1, got {v!r}.")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"FitConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}.")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"FitConfig.lam must lie in [0, 1], got {self.lam!r}.")
+        if not self.lr > 0 or (self.estimator_lr is not None and not self.estimator_lr > 0):
+            raise ValueError(f"FitConfig learning rates must be > 0, got lr={self.lr}, estimator_lr={self.estimator_lr}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"FitConfig.grad_clip must be None or > 0, got {self.grad_clip!r}.")
+        _check_choice("FitConfig", "nll_reduction", self.nll_reduction, get_args(NllReduction))
+        if self.amp_dtype is not None:
+            _check_choice("FitConfig", "amp_dtype", self.amp_dtype, get_args(AmpDtype))
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> FitConfig:
+        """The paper's setting: lambda 0.5, lr 0.005, 200 epochs, no warm-up, one q step, summed NLL."""
+        base = dict(epochs=200, lr=5e-3, estimator_lr=None, lam=0.5, estimator_steps=1, warmup_steps=0, grad_clip=None,
+                    nll_reduction="sum")
+        base.update(overrides)
+        return cls(**base)
+
+
+def _known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """Keep the keys that `cls` knows; warn about (and drop) the others, as peft does for newer configs."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        warnings.warn(f"Ignoring unknown {what} keys {unknown} (written by a newer dmm_wrap?).", stacklevel=3)
+    return {k: v for k, v in d.items() if k in names}
+
+
+def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Build `cls` from a user mapping, rejecting unknown keys with the closest valid names."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{section} must be a mapping of options, got {type(values).__name__}.")
+    names = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f" Did you mean {close}?" if close else ""
+            raise ValueError(f"Unknown option {section}.{key}.{hint} Valid options: {names}.")
+    return cls(**values)
+
+
+__all__ = ["Attribute", "HeadConfig", "FitConfig", "build_dataclass"]

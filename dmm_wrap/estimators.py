@@ -1,0 +1,110 @@
+"""Variational networks: the MLP, CLUB's q(B | Z~) for each attribute kind, and the retaining density m(Z | Z~, B)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """`layers` Linear layers with `act` between them (no activation after the last)."""
+    dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < layers - 1:
+            mods.append(act())
+    return nn.Sequential(*mods)
+
+
+def bounded(raw: Tensor, low: float, high: float) -> Tensor:
+    """Squash `raw` smoothly into (low, high)."""
+    return low + (high - low) * torch.sigmoid(raw)
+
+
+class CategoricalCLUB(nn.Module):
+    """CLUB for a categorical attribute: q(b | z~) is a softmax classifier.
+
+    The pairwise term mean_{i,j} log q(b_j | z~_i) is computed exactly in O(N K) from the batch's class
+    frequencies instead of the N x N matrix. q uses SiLU, not ReLU: h_theta can push Z~ where every ReLU of q is
+    dead, which makes q constant and the CLUB estimate exactly 0 while B stays decodable.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = mlp(in_dim, hidden, num_classes, 2, nn.SiLU)
+
+    def log_probs(self, z: Tensor) -> Tensor:
+        return F.log_softmax(self.net(z), dim=-1)
+
+    def nll(self, z: Tensor, b: Tensor) -> Tensor:
+        """Negative log-likelihood of q on (z, b): the loss that fits q."""
+        return F.cross_entropy(self.net(z), b.long())
+
+    def club(self, z: Tensor, b: Tensor) -> Tensor:
+        """CLUB estimate of I(B; Z~) on the batch (differentiable in z)."""
+        logp = self.log_probs(z)
+        b = b.long()
+        positive = logp.gather(1, b[:, None]).mean()
+        freq = torch.bincount(b, minlength=self.num_classes).to(logp.dtype) / b.numel()
+        negative = (logp * freq).sum(1).mean()
+        return positive - negative
+
+
+class GaussianCLUB(nn.Module):
+    """CLUB for a continuous attribute: q(b | z~) = N(mu(z~), exp(logvar(z~))) with a bounded log-variance.
+
+    The pairwise term has the closed form mean_j (b_j - mu_i)^2 = (mu_i - mean(b))^2 + var(b), so it costs O(N).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, logvar_min: float, logvar_max: float) -> None:
+        super().__init__()
+        self.mu = mlp(in_dim, hidden, 1, 2, nn.SiLU)
+        self.logvar = mlp(in_dim, hidden, 1, 2, nn.SiLU)
+        self.logvar_min, self.logvar_max = logvar_min, logvar_max
+
+    def params(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.mu(z).squeeze(-1)
+        logvar = bounded(self.logvar(z).squeeze(-1), self.logvar_min, self.logvar_max)
+        return mu, logvar
+
+    def nll(self, z: Tensor, b: Tensor) -> Tensor:
+        mu, logvar = self.params(z)
+        return 0.5 * ((b - mu) ** 2 / logvar.exp() + logvar + _LOG_2PI).mean()
+
+    def club(self, z: Tensor, b: Tensor) -> Tensor:
+        mu, logvar = self.params(z)
+        inv_var = torch.exp(-logvar)
+        positive = -0.5 * (b - mu) ** 2 * inv_var
+        pair_sq = (mu - b.mean()) ** 2 + b.var(unbiased=False)
+        negative = -0.5 * pair_sq * inv_var
+        return (positive - negative).mean()
+
+
+class ConditionalGaussian(nn.Module):
+    """The retaining density m_phi(z | z~, b): a diagonal Gaussian whose mean and bounded log-variance are an MLP of (z~, b)."""
+
+    def __init__(self, cond_dim: int, hidden: int, out_dim: int, layers: int, logvar_min: float, logvar_max: float) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.net = mlp(cond_dim, hidden, 2 * out_dim, layers)
+        self.logvar_min, self.logvar_max = logvar_min, logvar_max
+
+    def nll(self, target: Tensor, cond: Tensor, reduction: str = "mean") -> Tensor:
+        """-log m(target | cond), averaged over the batch; per feature dimension ("mean") or summed ("sum")."""
+        mu, raw = self.net(cond).chunk(2, dim=-1)
+        logvar = bounded(raw, self.logvar_min, self.logvar_max)
+        per_dim = 0.5 * ((target - mu) ** 2 * torch.exp(-logvar) + logvar + _LOG_2PI)
+        per_sample = per_dim.sum(-1)
+        if reduction == "mean":
+            per_sample = per_sample / self.out_dim
+        return per_sample.mean()
+
+
+__all__ = ["mlp", "CategoricalCLUB", "GaussianCLUB", "ConditionalGaussian"]

@@ -1,0 +1,101 @@
+"""The DeepMinMax heads and losses: h_theta, one CLUB estimator per attribute, the retaining density m_phi."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Attribute, HeadConfig
+from .estimators import CategoricalCLUB, ConditionalGaussian, GaussianCLUB, mlp
+
+
+class EstimatorLosses(NamedTuple):
+    """Losses that fit the variational networks (on detached Z~)."""
+
+    q_nll: Tensor
+    """Sum over attributes of -log q(b | z~): how well CLUB's q is fitted."""
+    m_nll: Tensor
+    """-log m_phi(z | z~, b)."""
+
+
+class ThetaLosses(NamedTuple):
+    """Losses of h_theta for one batch."""
+
+    total: Tensor
+    """lam * debias + (1 - lam) * retain."""
+    debias: Tensor
+    """L_d: CLUB upper bound of I(B; Z~), summed over attributes."""
+    retain: Tensor
+    """L_r: -log m_phi(Z | Z~, B)."""
+    club: dict[str, Tensor]
+    """CLUB estimate per attribute."""
+
+
+class DeepMinMax(nn.Module):
+    """Heads of the method, with the feature and attribute standardisation statistics as buffers.
+
+    CLUB with several attributes uses a factorised q(b | z~) = prod_k q_k(b_k | z~): its CLUB estimate of the joint
+    I(B; Z~) is then exactly the sum of the per-attribute estimates over the same batch.
+    """
+
+    def __init__(self, feature_dim: int, attributes: tuple[Attribute, ...], cfg: HeadConfig) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.attributes = attributes
+        self.cfg = cfg
+        out_dim = cfg.out_dim or feature_dim
+        self.out_dim = out_dim
+        self.h = mlp(feature_dim, cfg.h_hidden or feature_dim, out_dim, cfg.h_layers)
+        q_hidden = cfg.q_hidden or feature_dim
+        self.q = nn.ModuleDict({
+            a.name: CategoricalCLUB(out_dim, q_hidden, a.num_classes) if a.kind == "categorical"
+            else GaussianCLUB(out_dim, q_hidden, cfg.logvar_min, cfg.logvar_max)
+            for a in attributes
+        })
+        b_width = sum(a.width for a in attributes)
+        self.m = ConditionalGaussian(out_dim + b_width, cfg.m_hidden or feature_dim, feature_dim, cfg.m_layers,
+                                     cfg.logvar_min, cfg.logvar_max)
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
+        self.register_buffer("attr_mean", torch.zeros(len(attributes)))
+        self.register_buffer("attr_std", torch.ones(len(attributes)))
+
+    def normalize(self, z: Tensor) -> Tensor:
+        return (z - self.feature_mean) / self.feature_std
+
+    def normalize_attrs(self, b: Tensor) -> Tensor:
+        """Standardise continuous columns; categorical columns (class ids) are left as they are."""
+        return (b - self.attr_mean) / self.attr_std
+
+    def debias(self, z: Tensor) -> Tensor:
+        """Z~ = h_theta(standardised Z)."""
+        return self.h(self.normalize(z))
+
+    def condition(self, z_tilde: Tensor, b: Tensor) -> Tensor:
+        """The input of m_phi: Z~ with each attribute appended (one-hot or standardised value)."""
+        parts = [z_tilde]
+        for k, a in enumerate(self.attributes):
+            col = b[:, k]
+            parts.append(F.one_hot(col.long(), a.num_classes).to(z_tilde.dtype) if a.kind == "categorical" else col[:, None])
+        return torch.cat(parts, dim=1)
+
+    def estimator_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, reduction: str) -> EstimatorLosses:
+        z_tilde = z_tilde.detach()
+        q_nll = sum(q.nll(z_tilde, b[:, k]) for k, q in enumerate(self.q.values()))
+        m_nll = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
+        return EstimatorLosses(q_nll, m_nll)  # type: ignore[arg-type]
+
+    def theta_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, lam: float, reduction: str) -> ThetaLosses:
+        club = {name: q.club(z_tilde, b[:, k]) for k, (name, q) in enumerate(self.q.items())}
+        debias = torch.stack(list(club.values())).sum().clamp_min(0)
+        retain = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
+        return ThetaLosses(lam * debias + (1 - lam) * retain, debias, retain, club)
+
+    def estimator_parameters(self) -> list[nn.Parameter]:
+        return list(self.q.parameters()) + list(self.m.parameters())
+
+
+__all__ = ["DeepMinMax", "EstimatorLosses", "ThetaLosses"]

@@ -1,0 +1,104 @@
+"""On-disk format: config.json + model.safetensors, written atomically, read strictly, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "dmm_wrap.DebiasedEncoder"
+FORMAT_VERSION = 1
+
+
+def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+    """Let `writer` fill a temporary folder beside `directory`, then move each file into place with os.replace.
+
+    A crash mid-save leaves the previous files intact: each file is swapped in whole, config.json last.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        writer(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = sorted(p.name for p in tmp.iterdir())
+        names.sort(key=lambda n: n == CONFIG_NAME)
+        for name in names:
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def save_weights(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    # Clone so shared/tied storages and non-contiguous views serialise as independent tensors.
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata or {"format": "pt"})
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """Read a safetensors file; a truncated or corrupt one raises an error naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"No weights file {path}. A saved model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"The weights file {path} is truncated or corrupt ({err}). Save or download it again.") from err
+
+
+def write_config(config: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read and check a config.json written by dmm_wrap."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {path.parent}; is this a folder written by save_pretrained?")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from err
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(
+            f"{path} is not a dmm_wrap config (model_type {found!r}, expected {MODEL_TYPE!r}). "
+            "Load other models with their own library."
+        )
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}; this dmm_wrap reads up to {FORMAT_VERSION}. "
+            "Upgrade dmm_wrap (pip install -U dmm-wrap)."
+        )
+    return config
+
+
+def check_keys(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path) -> None:
+    """Strict key and shape check with the offending names in the message."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the model: missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}."
+        )
+    wrong = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if tuple(found[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"{path} has tensors of the wrong shape: {wrong[:10]}. Was it saved from another backbone?")
+
+
+__all__ = ["write_atomically", "save_weights", "load_weights", "read_config", "write_config", "check_keys",
+           "CONFIG_NAME", "WEIGHTS_NAME", "MODEL_TYPE", "FORMAT_VERSION"]
