@@ -93,6 +93,10 @@ class HeadConfig:
     logvar_max: float = 4.0
     """Upper bound of every predicted log-variance."""
 
+    q_floor: float = 0.01
+    """Weight of the uniform distribution mixed into each categorical q: bounds CLUB by log(K / q_floor) when the
+    classes are separable (0 = a plain softmax)."""
+
     standardize: bool = True
     """Standardise Z (and continuous B) with statistics from a streamed pre-pass, so that one learning
     rate suits any backbone's feature scale. Off reproduces the paper's raw-feature setting."""
@@ -106,6 +110,8 @@ class HeadConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"HeadConfig.{key} must be None or an int >= 1, got {v!r}.")
+        if not 0.0 <= self.q_floor < 1.0:
+            raise ValueError(f"HeadConfig.q_floor must lie in [0, 1), got {self.q_floor!r}.")
         if not self.logvar_min < self.logvar_max:
             raise ValueError(
                 f"HeadConfig.logvar_min ({self.logvar_min}) must be below logvar_max ({self.logvar_max})."

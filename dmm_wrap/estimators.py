@@ -33,28 +33,41 @@ class CategoricalCLUB(nn.Module):
     The pairwise term mean_{i,j} log q(b_j | z~_i) is computed exactly in O(N K) from the batch's class
     frequencies instead of the N x N matrix. q uses SiLU, not ReLU: h_theta can push Z~ where every ReLU of q is
     dead, which makes q constant and the CLUB estimate exactly 0 while B stays decodable.
+
+    With `floor` > 0, q is the mixture (1 - floor) softmax + floor uniform. On separable classes a plain softmax
+    grows its logits without end, and CLUB (which is linear in the logits) grows with them, measuring the logit
+    scale rather than information; the floor bounds every log-ratio by log(K / floor), as the log-variance bound
+    does for the Gaussian estimator.
     """
 
-    def __init__(self, in_dim: int, hidden: int, num_classes: int) -> None:
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, floor: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.floor = floor
         self.net = mlp(in_dim, hidden, num_classes, 2, nn.SiLU)
 
     def log_probs(self, z: Tensor) -> Tensor:
-        return F.log_softmax(self.net(z), dim=-1)
+        """log q(k | z) for every class k: a softmax mixed with `floor` of the uniform distribution."""
+        logp = F.log_softmax(self.net(z), dim=-1)
+        if self.floor == 0.0:
+            return logp
+        uniform = torch.full_like(logp, math.log(self.floor / self.num_classes))
+        return torch.logaddexp(logp + math.log1p(-self.floor), uniform)
 
     def nll(self, z: Tensor, b: Tensor) -> Tensor:
         """Negative log-likelihood of q on (z, b): the loss that fits q."""
-        return F.cross_entropy(self.net(z), b.long())
+        return F.nll_loss(self.log_probs(z), b.long())
+
+    def club_terms(self, z: Tensor, b: Tensor) -> Tensor:
+        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i); their mean is the CLUB estimate."""
+        logp = self.log_probs(z)
+        b = b.long()
+        freq = torch.bincount(b, minlength=self.num_classes).to(logp.dtype) / b.numel()
+        return logp.gather(1, b[:, None]).squeeze(1) - (logp * freq).sum(1)
 
     def club(self, z: Tensor, b: Tensor) -> Tensor:
         """CLUB estimate of I(B; Z~) on the batch (differentiable in z)."""
-        logp = self.log_probs(z)
-        b = b.long()
-        positive = logp.gather(1, b[:, None]).mean()
-        freq = torch.bincount(b, minlength=self.num_classes).to(logp.dtype) / b.numel()
-        negative = (logp * freq).sum(1).mean()
-        return positive - negative
+        return self.club_terms(z, b).mean()
 
 
 class GaussianCLUB(nn.Module):
@@ -78,13 +91,15 @@ class GaussianCLUB(nn.Module):
         mu, logvar = self.params(z)
         return 0.5 * ((b - mu) ** 2 / logvar.exp() + logvar + _LOG_2PI).mean()
 
-    def club(self, z: Tensor, b: Tensor) -> Tensor:
+    def club_terms(self, z: Tensor, b: Tensor) -> Tensor:
+        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i)."""
         mu, logvar = self.params(z)
-        inv_var = torch.exp(-logvar)
-        positive = -0.5 * (b - mu) ** 2 * inv_var
         pair_sq = (mu - b.mean()) ** 2 + b.var(unbiased=False)
-        negative = -0.5 * pair_sq * inv_var
-        return (positive - negative).mean()
+        return 0.5 * (pair_sq - (b - mu) ** 2) * torch.exp(-logvar)
+
+    def club(self, z: Tensor, b: Tensor) -> Tensor:
+        """CLUB estimate of I(B; Z~) on the batch (differentiable in z)."""
+        return self.club_terms(z, b).mean()
 
 
 class ConditionalGaussian(nn.Module):

@@ -51,7 +51,7 @@ class DeepMinMax(nn.Module):
         self.h = mlp(feature_dim, cfg.h_hidden or feature_dim, out_dim, cfg.h_layers)
         q_hidden = cfg.q_hidden or feature_dim
         self.q = nn.ModuleDict({
-            a.name: CategoricalCLUB(out_dim, q_hidden, a.num_classes) if a.kind == "categorical"
+            a.name: CategoricalCLUB(out_dim, q_hidden, a.num_classes, cfg.q_floor) if a.kind == "categorical"
             else GaussianCLUB(out_dim, q_hidden, cfg.logvar_min, cfg.logvar_max)
             for a in attributes
         })
@@ -90,6 +90,8 @@ class DeepMinMax(nn.Module):
 
     def theta_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, lam: float, reduction: str) -> ThetaLosses:
         club = {name: q.club(z_tilde, b[:, k]) for k, (name, q) in enumerate(self.q.items())}
+        # The true MI is >= 0: a negative batch estimate only says q lags behind h_theta, and pushing it further
+        # down rewards making q predict the wrong class, which leaves B just as decodable.
         debias = torch.stack(list(club.values())).sum().clamp_min(0)
         retain = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
         return ThetaLosses(lam * debias + (1 - lam) * retain, debias, retain, club)

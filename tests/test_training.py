@@ -78,7 +78,8 @@ def test_debiasing_removes_site_and_keeps_task() -> None:
     xtr, ytr, str_ = make_site_problem(4000, 1)
     xte, yte, ste = make_site_problem(2000, 2)
     enc = DebiasedEncoder(nn.Sequential(nn.Linear(16, 32)), None, SITE, input_size=(16,))
-    enc.fit(loader_of(xtr, str_.float()[:, None]), epochs=40, progress=False)
+    # lam = 0.8: over seeds 0-3 the fresh probe read 0.38-0.43 with it and 0.40-0.52 with the paper's 0.5 (chance 0.34).
+    enc.fit(loader_of(xtr, str_.float()[:, None]), epochs=40, lam=0.8, progress=False)
     with torch.no_grad():
         raw = _probe_scores(enc.features(xtr), enc.features(xte), ytr, yte, str_, ste)
         dmm = _probe_scores(enc(xtr), enc(xte), ytr, yte, str_, ste)
