@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import os
+import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,10 +19,19 @@ from . import __version__
 from .backbones import BackboneSpec, build_backbone, create_backbone, describe_backbone, freeze
 from .config import Attribute, FitConfig, HeadConfig, Pooling, _known_keys, build_dataclass
 from .hooks import FeatureExtractor
+from .hub import DEFAULT_COMMIT_MESSAGE, load_metrics, model_card, push_folder_to_hub, resolve_pretrained
+from .inference import (InferenceModule, Preprocessing, as_preprocessing, default_preprocessing, export_onnx,
+                        truncate_backbone)
 from .objective import DeepMinMax
-from .serialization import (CONFIG_NAME, FORMAT_VERSION, MODEL_TYPE, WEIGHTS_NAME, check_keys, load_weights,
-                            read_config, save_weights, write_atomically, write_config)
+from .serialization import (CONFIG_NAME, FORMAT_VERSION, METRICS_NAME, MODEL_TYPE, README_NAME, WEIGHTS_NAME,
+                            check_keys, load_weights, plain_metrics, read_config, require_keys, save_weights,
+                            write_atomically, write_config, write_metrics)
 from .trainer import FitHistory, train
+
+_HEADS_PREFIX = "heads."
+_CONFIG_KEYS = ("model_type", "format_version", "dmm_wrap_version", "backbone", "layer", "pool", "input_size",
+                "feature_dim", "out_dim", "attributes", "head", "weights", "preprocessing")
+_REQUIRED_KEYS = ("backbone", "layer", "feature_dim", "attributes")
 
 
 def _as_attributes(attributes: Sequence[Attribute | dict[str, Any]]) -> tuple[Attribute, ...]:
@@ -46,6 +57,9 @@ class DebiasedEncoder(nn.Module):
             tokens), "max", "cls" (token 0) or "flatten".
         input_size: shape of one input without batch, e.g. (3, 224, 224). When given, one dummy forward infers the
             feature width now; otherwise the heads are built on the first batch `fit` sees.
+        preprocessing: how PIL images become inputs (`Preprocessing` or a dict of its fields), saved in config.json
+            and used by `preprocess` / `embed`. "auto" derives it from the backbone (timm data config, torchvision
+            weights transforms, ImageNet defaults for an untagged torchvision model, None for a custom module).
         **head_options: fields of `HeadConfig` (h_layers, h_hidden, out_dim, m_layers, ...).
 
     Example:
@@ -55,7 +69,9 @@ class DebiasedEncoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module | str, layer: str | None, attributes: Sequence[Attribute | dict[str, Any]],
-                 *, pool: Pooling = "avg", input_size: Sequence[int] | None = None, **head_options: Any) -> None:
+                 *, pool: Pooling = "avg", input_size: Sequence[int] | None = None,
+                 preprocessing: Preprocessing | dict[str, Any] | None | Literal["auto"] = "auto",
+                 **head_options: Any) -> None:
         super().__init__()
         if isinstance(backbone, str):
             backbone = create_backbone(backbone)
@@ -70,6 +86,10 @@ class DebiasedEncoder(nn.Module):
         self.extractor = FeatureExtractor(freeze(backbone), layer, pool)
         self.input_size = tuple(input_size) if input_size is not None else None
         self.heads: DeepMinMax | None = None
+        self._transform: Callable[[Any], Tensor] | None = None
+        self._preprocessing: Preprocessing | None = None
+        self.preprocessing = (default_preprocessing(backbone, self.backbone_spec, self.input_size)
+                              if isinstance(preprocessing, str) and preprocessing == "auto" else preprocessing)
         if feature_dim is None and self.input_size is not None:
             feature_dim = self._infer_feature_dim(torch.zeros(2, *self.input_size))
         if feature_dim is not None:
@@ -88,6 +108,16 @@ class DebiasedEncoder(nn.Module):
     def feature_dim(self) -> int | None:
         """Width D of the hooked, pooled features (None until inferred)."""
         return self.heads.feature_dim if self.heads is not None else None
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """How PIL images become inputs (saved in config.json); None when unknown. Assign a Preprocessing or a dict."""
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: Preprocessing | dict[str, Any] | None) -> None:
+        self._preprocessing = as_preprocessing(value)
+        self._transform = None
 
     def _infer_feature_dim(self, example: Tensor) -> int:
         param = next(self.backbone.parameters(), None)
@@ -125,6 +155,93 @@ class DebiasedEncoder(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         """Debiased features Z~ [N, out_dim] of a batch of inputs."""
         return self.debias(self.features(inputs))
+
+    @property
+    def preprocess(self) -> Callable[[Any], Tensor]:
+        """The eval transform of `preprocessing` (resize, crop, to tensor, normalise) for one PIL image.
+
+        Example:
+            >>> x = torch.stack([enc.preprocess(img) for img in pil_images])
+        """
+        if self._transform is None:
+            if self._preprocessing is None:
+                raise ValueError(
+                    "This model records no preprocessing (custom backbone or non-image inputs). Set it, e.g. "
+                    "model.preprocessing = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), "
+                    "std=(0.229, 0.224, 0.225)), or pass tensors that are already preprocessed."
+                )
+            self._transform = self._preprocessing.transform()
+        return self._transform
+
+    def embed(self, images: Tensor | Iterable[Any], batch_size: int = 64, *,
+              device: str | torch.device | None = None) -> Tensor:
+        """Debiased features Z~ [N, out_dim] on CPU, computed in batches under torch.inference_mode.
+
+        Args:
+            images: a tensor [N, ...] of preprocessed inputs, or an iterable of PIL images (run through
+                `preprocess`) and/or preprocessed tensors [C, H, W].
+            batch_size: inputs per forward pass.
+            device: where to run; None uses the model's device.
+
+        Example:
+            >>> z_tilde = enc.embed([Image.open(p).convert("RGB") for p in paths], batch_size=32)
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        heads = self._require_heads()
+        if device is None:
+            device = next(itertools.chain(self.backbone.parameters(), heads.parameters())).device
+        if isinstance(images, Tensor):
+            batches: Iterable[Tensor] = images.split(batch_size)
+        else:
+            items = iter(images)
+            batches = (torch.stack([x if isinstance(x, Tensor) else self.preprocess(x) for x in chunk])
+                       for chunk in iter(lambda: list(itertools.islice(items, batch_size)), []))
+        out: list[Tensor] = []
+        with torch.inference_mode():
+            for batch in batches:
+                out.append(self(batch.to(device)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, heads.out_dim)
+
+    def inference_module(self, *, check: bool = True) -> InferenceModule:
+        """`forward` as a plain hook-free nn.Module for torch.compile(fullgraph=True), torch.export and ONNX.
+
+        The backbone is truncated at the hooked layer with torch.fx (later layers are removed), followed by
+        pooling, standardisation and h_theta. It shares weights with this model; build a new one after `fit`.
+
+        Args:
+            check: when `input_size` is known, compare the module with the hooked forward on a random batch and
+                raise if they differ (torch.fx froze a different control-flow path).
+
+        Example:
+            >>> program = torch.export.export(enc.inference_module(), (x,))
+        """
+        heads = self._require_heads()
+        trunk, truncated = truncate_backbone(self.backbone, self.layer, self.backbone_spec)
+        module = InferenceModule(trunk, self.extractor.pool, heads, truncated)
+        if check and self.input_size is not None:
+            param = next(itertools.chain(self.backbone.parameters(), heads.parameters()))
+            x = torch.randn(2, *self.input_size, generator=torch.Generator().manual_seed(0))
+            x = x.to(param.device, param.dtype if param.is_floating_point() else None)
+            with torch.no_grad():
+                expected, got = self(x), module(x)
+            if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(
+                    f"The hook-free graph of {type(self.backbone).__name__} differs from the hooked forward (max abs "
+                    f"diff {(expected - got).abs().max().item():.3g}); torch.fx traced a different path. Use the "
+                    "eager model, or hook another layer."
+                )
+        return module
+
+    def export_onnx(self, path: str | os.PathLike, example: Tensor, *, dynamic_batch: bool = True,
+                    opset_version: int | None = None) -> Path:
+        """Export the hook-free `inference_module()` to an ONNX file (input "inputs", output "z_tilde").
+
+        Example:
+            >>> enc.export_onnx("debiased.onnx", torch.randn(2, 3, 224, 224))
+        """
+        return export_onnx(self.inference_module(), path, example, dynamic_batch=dynamic_batch,
+                           opset_version=opset_version)
 
     # ----------------------------------------------------------------- training
     def fit(self, loader: Iterable, epochs: int | None = None, *, config: FitConfig | None = None,
@@ -176,8 +293,12 @@ class DebiasedEncoder(nn.Module):
         raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
 
     # ----------------------------------------------------------------- saving
-    def config_dict(self) -> dict[str, Any]:
-        """Everything needed to rebuild this model, as saved in config.json."""
+    def config_dict(self, *, heads_only: bool = False) -> dict[str, Any]:
+        """Everything needed to rebuild this model, as saved in config.json.
+
+        "weights" says what model.safetensors holds: "full" (backbone and heads) or "heads_only" (the backbone is
+        rebuilt from "backbone", whose pretrained_tag pins its weights). "preprocessing" is null when unknown.
+        """
         heads = self._require_heads()
         return {
             "model_type": MODEL_TYPE,
@@ -191,62 +312,190 @@ class DebiasedEncoder(nn.Module):
             "out_dim": heads.out_dim,
             "attributes": [a.to_dict() for a in self.attributes],
             "head": dataclasses.asdict(self.head_config),
+            "weights": "heads_only" if heads_only else "full",
+            "preprocessing": self._preprocessing.to_dict() if self._preprocessing is not None else None,
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write config.json and model.safetensors (backbone and heads) to `save_directory`, atomically.
+    def save_pretrained(self, save_directory: str | os.PathLike, *, heads_only: bool = False,
+                        metrics: Mapping[str, Any] | None = None) -> Path:
+        """Write config.json, model.safetensors and a model card README.md to `save_directory`, atomically.
+
+        Args:
+            save_directory: the folder to write (created if needed); files of an earlier save are replaced whole.
+            heads_only: save only the trained heads (`heads.*` tensors), as peft saves adapters. The backbone is
+                then rebuilt from its spec when loading, so it must be a timm / torchvision backbone with a
+                pretrained tag, or a custom module that you pass back with `from_pretrained(..., backbone=)`.
+            metrics: {name: value} written to metrics.json and shown in the card; None uses the metrics.json
+                already in `save_directory`, if any.
 
         Example:
-            >>> enc.save_pretrained("runs/debiased-resnet18")
+            >>> enc.save_pretrained("runs/debiased-resnet18", metrics={"site_probe_accuracy": 0.35})
         """
-        config = self.config_dict()
+        config = self.config_dict(heads_only=heads_only)
+        if heads_only:
+            self._check_heads_only()
         state = self.state_dict()
+        if heads_only:
+            state = {k: v for k, v in state.items() if k.startswith(_HEADS_PREFIX)}
+        new_metrics = plain_metrics(metrics) if metrics is not None else None
+        card = model_card(config, new_metrics if new_metrics is not None else load_metrics(Path(save_directory)))
 
         def writer(tmp: Path) -> None:
-            save_weights(state, tmp / WEIGHTS_NAME)
+            if new_metrics is not None:
+                write_metrics(new_metrics, tmp / METRICS_NAME)
+            save_weights(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "weights": config["weights"]})
+            (tmp / README_NAME).write_text(card)
             write_config(config, tmp / CONFIG_NAME)
 
         return write_atomically(save_directory, writer)
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, backbone: nn.Module | None = None,
-                        map_location: str | torch.device = "cpu") -> DebiasedEncoder:
-        """Load a model written by `save_pretrained`.
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = DEFAULT_COMMIT_MESSAGE,
+                    commit_description: str | None = None, create_pr: bool = False, heads_only: bool = False,
+                    metrics: Mapping[str, Any] | None = None, api: Any = None) -> Any:
+        """Save into a temporary folder and upload it to the Hub repo `repo_id` in one commit.
 
-        timm and torchvision backbones are rebuilt by name; a custom backbone must be passed as `backbone=`.
-        Weights are read from safetensors only, with strict key and shape checks.
+        The repo is created if needed (`exist_ok=True`). Nothing is created or uploaded when saving fails. The token
+        goes to huggingface_hub only; it is never written into the files.
+
+        Args:
+            repo_id: "org/name".
+            private: visibility of a newly created repo; None keeps the Hub default.
+            token: a Hub token; None uses the logged-in one.
+            revision: branch to commit to (created if missing); None is main.
+            commit_message, commit_description: of the commit (or pull request).
+            create_pr: open a pull request instead of committing.
+            heads_only, metrics: as in `save_pretrained`.
+            api: an `huggingface_hub.HfApi` to use; None makes one.
+
+        Returns:
+            The `huggingface_hub.CommitInfo` (`.commit_url`, `.pr_url`).
 
         Example:
-            >>> enc = DebiasedEncoder.from_pretrained("runs/debiased-resnet18")
+            >>> enc.push_to_hub("my-org/debiased-resnet18", private=True)
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"{directory} is not a folder written by save_pretrained.")
+        with tempfile.TemporaryDirectory(prefix="dmm_wrap-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", heads_only=heads_only, metrics=metrics)
+            return push_folder_to_hub(folder, repo_id, private=private, token=token, revision=revision,
+                                      commit_message=commit_message, commit_description=commit_description,
+                                      create_pr=create_pr, api=api)
+
+    def _check_heads_only(self) -> None:
+        spec = self.backbone_spec
+        if spec.source != "custom" and not spec.pretrained_tag:
+            raise ValueError(
+                f"heads_only=True needs a backbone that can be rebuilt with the same weights, but this "
+                f"{spec.source}:{spec.name} backbone has no pretrained tag (random init, or weights loaded by hand): "
+                "its weights exist only in this model. Save the full weights (heads_only=False), or build the "
+                f"backbone with create_backbone('{spec.source}:{spec.name}', pretrained=TAG)."
+            )
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, backbone: nn.Module | None = None,
+                        map_location: str | torch.device = "cpu") -> DebiasedEncoder:
+        """Load a model written by `save_pretrained`, from a folder or a Hugging Face Hub repo.
+
+        A path-like object or an existing folder loads directly. Any other string is a repo id, downloaded with
+        huggingface_hub (config.json, model.safetensors, README.md, metrics.json) into its cache; offline
+        (HF_HUB_OFFLINE=1 or local_files_only=True) only the cache is read. timm and torchvision backbones are
+        rebuilt by name; a custom backbone must be passed as `backbone=`. A heads-only save rebuilds the backbone
+        with its pinned pretrained weights (a download) unless `backbone=` is given. Weights are read from
+        safetensors only (never unpickled), with strict key and shape checks.
+
+        Args:
+            repo_id_or_dir: a folder, or "org/name" on the Hub.
+            revision: branch, tag or commit of the repo; None is main.
+            cache_dir: the Hugging Face cache to use; None is the default (HF_HUB_CACHE).
+            local_files_only: never touch the network.
+            token: for private or gated repos; never stored.
+            backbone: the backbone module (required for custom backbones; its weights are overwritten by a full save).
+            map_location: device of the returned model.
+
+        Example:
+            >>> enc = DebiasedEncoder.from_pretrained("my-org/debiased-resnet18", revision="v1.0")
+        """
+        directory = resolve_pretrained(repo_id_or_dir, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token)
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            load_weights(weights_path)  # raises: missing, or a pickle checkpoint that is refused
         config = read_config(directory / CONFIG_NAME)
-        model = cls._from_config(config, backbone)
-        state = load_weights(directory / WEIGHTS_NAME)
+        state = load_weights(weights_path)
+        model = cls._from_config(config, backbone, directory / CONFIG_NAME)
+        heads_only = config.get("weights", "full") == "heads_only"
         expected = model.state_dict()
-        check_keys(expected, state, directory / WEIGHTS_NAME)
-        model.load_state_dict(state, strict=True)
+        if heads_only:
+            expected = {k: v for k, v in expected.items() if k.startswith(_HEADS_PREFIX)}
+        check_keys(expected, state, weights_path)
+        model.load_state_dict(state, strict=not heads_only)
         return model.to(map_location).eval()
 
     @classmethod
-    def _from_config(cls, config: dict[str, Any], backbone: nn.Module | None) -> DebiasedEncoder:
-        known = {"model_type", "format_version", "dmm_wrap_version", "backbone", "layer", "pool", "input_size",
-                 "feature_dim", "out_dim", "attributes", "head"}
-        unknown = sorted(set(config) - known)
+    def _from_config(cls, config: dict[str, Any], backbone: nn.Module | None,
+                     path: Path = Path(CONFIG_NAME)) -> DebiasedEncoder:
+        unknown = sorted(set(config) - set(_CONFIG_KEYS))
         if unknown:
             warnings.warn(f"Ignoring unknown config keys {unknown} (written by a newer dmm_wrap?).", stacklevel=3)
-        spec = BackboneSpec.from_dict(config["backbone"])
+        require_keys(config, _REQUIRED_KEYS, path)
+        weights = config.get("weights", "full")
+        if weights not in ("full", "heads_only"):
+            raise ValueError(f"{path}: 'weights' must be 'full' or 'heads_only', got {weights!r}.")
+        try:
+            spec = BackboneSpec.from_dict(config["backbone"])
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: 'backbone' must be a mapping with 'source' and 'name', got "
+                             f"{config['backbone']!r}.") from err
         if backbone is None:
-            backbone = build_backbone(spec)
+            backbone = build_backbone(spec) if weights == "full" else _pretrained_backbone(spec)
+        elif weights == "heads_only":
+            _warn_if_other_backbone(backbone, spec)
         head = _known_keys(HeadConfig, config.get("head", {}), "head config")
         model = cls(backbone, config["layer"], [Attribute.from_dict(a) for a in config["attributes"]],
-                    pool=config.get("pool", "avg"), input_size=None, _feature_dim=int(config["feature_dim"]), **head)
+                    pool=config.get("pool", "avg"), input_size=None, preprocessing=config.get("preprocessing", "auto"),
+                    _feature_dim=int(config["feature_dim"]), **head)
         model.input_size = tuple(config["input_size"]) if config.get("input_size") else None
-        if backbone is not None and spec.source != "custom":
+        if spec.source != "custom":
             model.backbone_spec = spec
         return model
+
+
+def _pretrained_backbone(spec: BackboneSpec) -> nn.Module:
+    """Rebuild the pinned backbone of a heads-only save, with its pretrained weights (a download)."""
+    if spec.source == "custom":
+        raise ValueError(
+            f"This save holds only the heads, and its backbone is a custom {spec.name} module: rebuild it with the "
+            "weights it was trained with and pass it as from_pretrained(..., backbone=module)."
+        )
+    from .pretrained import DIGITS_ENCODER_TAG, load_digits_encoder
+
+    if spec.pretrained_tag == DIGITS_ENCODER_TAG:
+        return load_digits_encoder()  # shipped with the package, nothing to download
+    if not spec.pretrained_tag:
+        raise ValueError(
+            f"This save holds only the heads, but its {spec.source}:{spec.name} backbone has no pretrained tag to "
+            "rebuild it from; pass the backbone it was trained with as from_pretrained(..., backbone=module)."
+        )
+    try:
+        return create_backbone(f"{spec.source}:{spec.name}", pretrained=spec.pretrained_tag, **spec.kwargs)
+    except Exception as err:  # noqa: BLE001 - download errors come from timm, torch.hub, urllib, huggingface_hub
+        raise OSError(
+            f"This save holds only the heads; rebuilding its backbone {spec.source}:{spec.name} with the pretrained "
+            f"weights {spec.pretrained_tag!r} needs network access (or those weights in the timm / torch cache) and "
+            f"failed ({type(err).__name__}: {err}). Pass the backbone yourself: from_pretrained(..., "
+            f"backbone=create_backbone('{spec.source}:{spec.name}', pretrained='{spec.pretrained_tag}'))."
+        ) from err
+
+
+def _warn_if_other_backbone(backbone: nn.Module, spec: BackboneSpec) -> None:
+    found = describe_backbone(backbone)
+    if spec.source != "custom" and found.source != "custom" and (found.source, found.name) != (spec.source, spec.name):
+        warnings.warn(
+            f"The heads were trained on {spec.source}:{spec.name} ({spec.pretrained_tag}) but backbone= is "
+            f"{found.source}:{found.name}; the debiased features are only meaningful on the original backbone.",
+            stacklevel=4,
+        )
 
 
 __all__ = ["DebiasedEncoder"]

@@ -1,4 +1,5 @@
-"""On-disk format: config.json + model.safetensors, written atomically, read strictly, never unpickled."""
+"""On-disk format: config.json + model.safetensors (+ README.md, metrics.json), written atomically, read strictly,
+never unpickled."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,10 @@ from torch import Tensor
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+README_NAME = "README.md"
+METRICS_NAME = "metrics.json"
+PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
+"""Pickled checkpoints that are recognised only to refuse them: unpickling can run arbitrary code."""
 MODEL_TYPE = "dmm_wrap.DebiasedEncoder"
 FORMAT_VERSION = 1
 
@@ -51,7 +56,17 @@ def load_weights(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"No weights file {path}. A saved model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+        pickles = sorted(p.name for p in path.parent.glob("*") if p.name in PICKLE_NAMES or p.suffix == ".bin")
+        if pickles:
+            raise ValueError(
+                f"{path.parent} holds {pickles} but no {WEIGHTS_NAME}. dmm_wrap loads safetensors only and never "
+                "unpickles a checkpoint (unpickling can run arbitrary code). If you trust the file, convert it: "
+                "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')."
+            )
+        raise FileNotFoundError(
+            f"No weights file {path}. A saved model folder holds {CONFIG_NAME} and {WEIGHTS_NAME} (dmm_wrap never "
+            "loads pickled .bin / .pt checkpoints)."
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -60,6 +75,44 @@ def load_weights(path: Path) -> dict[str, Tensor]:
 
 def write_config(config: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+
+
+def plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON-ready copy of `metrics`: tensors and numpy values become numbers and lists; others raise TypeError."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping {{name: value}}, got {type(metrics).__name__}.")
+    return json.loads(json.dumps(dict(metrics), default=_plain))
+
+
+def write_metrics(metrics: Mapping[str, Any], path: Path) -> None:
+    """Write metrics as JSON; tensors and numpy scalars become plain numbers."""
+    path.write_text(json.dumps(plain_metrics(metrics), indent=2) + "\n")
+
+
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """The metrics.json at `path` as a dict, or None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path} must hold a JSON object {{name: value}}, got {type(metrics).__name__}.")
+    return metrics
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(f"Metric value {value!r} of type {type(value).__name__} is not JSON-serialisable.")
+
+
+def require_keys(config: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
+    """Raise a ValueError naming the keys a config lacks."""
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{path} lacks the keys {missing}; it is incomplete or was edited by hand.")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -101,4 +154,5 @@ def check_keys(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path
 
 
 __all__ = ["write_atomically", "save_weights", "load_weights", "read_config", "write_config", "check_keys",
-           "CONFIG_NAME", "WEIGHTS_NAME", "MODEL_TYPE", "FORMAT_VERSION"]
+           "write_metrics", "read_metrics", "plain_metrics", "require_keys", "CONFIG_NAME", "WEIGHTS_NAME",
+           "README_NAME", "METRICS_NAME", "PICKLE_NAMES", "MODEL_TYPE", "FORMAT_VERSION"]

@@ -1,0 +1,303 @@
+"""`dmm-wrap`: fit and evaluate DeepMinMax from a YAML run file.
+
+    dmm-wrap fit CONFIG [--output-dir DIR] [--max-steps N] [--device D] [--set KEY=VALUE ...]
+    dmm-wrap eval MODEL_DIR CONFIG [--output-dir DIR] [--device D] [--set KEY=VALUE ...]
+    dmm-wrap push OUTPUT_DIR REPO_ID [--private] [--token T] [--revision BRANCH] [--create-pr]
+
+Every option is a config key (`--max-steps 5` is `--set fit.max_steps=5`; see `run_config.OPTION_KEYS`). A run
+writes, under output_dir: metrics.json, report.md, tsne.png, training_curves.png, history.json, config.yaml (the
+resolved config) and model/ (save_pretrained). Errors print one line to stderr and exit with status 2
+(set DMM_WRAP_TRACEBACK=1 to see the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .backbones import create_backbone
+from .config import Attribute
+from .evaluate import Metrics, check_targets, compare_methods, extract_features
+from .model import DebiasedEncoder
+from .report import format_table, format_targets, plot_tsne, plot_training_curves, write_report
+from .run_config import OPTION_KEYS, ConfigError, RunConfig, load_run_config, parse_override, write_run_config
+from .trainer import FitHistory
+
+EXIT_ERROR = 2
+"""Exit status of a run stopped by a user error (bad config, missing file), as argparse uses for bad arguments."""
+
+
+class RunData(NamedTuple):
+    """The loaders of one run and what they carry."""
+
+    attributes: tuple[Attribute, ...]
+    """Attributes in the column order of the batches."""
+    train: DataLoader
+    """Training batches (shuffled when the dataset is map-style)."""
+    train_eval: DataLoader
+    """The same training data in a fixed order, for fitting the evaluation probes."""
+    test: DataLoader
+    """Held-out batches the evaluation scores on."""
+    label_name: str
+    """What the task label is (for figure titles)."""
+
+
+# --------------------------------------------------------------------------- building blocks
+def image_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Resize to size x size, scale to [0, 1], normalise per channel."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                               transforms.Normalize(list(mean), list(std))])
+
+
+def build_data(cfg: RunConfig) -> RunData:
+    """Datasets and loaders described by `cfg.data` (imported lazily: only the chosen kind is loaded)."""
+    d = cfg.data
+    size = cfg.input_size()
+    if d.kind == "synthetic_digits":
+        from .data import SyntheticDigits
+
+        train = SyntheticDigits("train", d.num_train, image_size=size, num_sites=d.num_sites, seed=d.seed)
+        test = SyntheticDigits("test", d.num_test, image_size=size, num_sites=d.num_sites, seed=d.seed)
+        attributes = train.attributes
+        label_name = "digit"
+    elif d.kind == "image_csv":
+        from .data import ImageCSVDataset
+
+        transform = image_transform(size, d.mean, d.std)
+        options = dict(path_column=d.path_column, label_column=d.label_column, transform=transform)
+        train = ImageCSVDataset(d.root, d.csv, d.attributes, **options)
+        test = ImageCSVDataset(d.root, d.test_csv, d.attributes, **options)
+        attributes = tuple(d.attributes)
+        label_name = d.label_column or "label"
+    else:
+        from .data import camelyon17
+
+        transform = image_transform(size, d.mean, d.std)
+        train = camelyon17(d.root, split=d.train_split, transform=transform)
+        test = camelyon17(d.root, split=d.test_split, transform=transform)
+        attributes = train.attributes
+        label_name = "tumor"
+
+    def loader(ds: Any, shuffle: bool) -> DataLoader:
+        shuffle = shuffle and not isinstance(ds, IterableDataset)
+        return DataLoader(ds, batch_size=d.batch_size, shuffle=shuffle, num_workers=d.num_workers,
+                          generator=torch.Generator().manual_seed(d.seed) if shuffle else None)
+
+    return RunData(attributes, loader(train, True), loader(train, False), loader(test, False), label_name)
+
+
+def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEncoder:
+    """The DebiasedEncoder described by `cfg.model`, its feature width inferred by one dummy forward."""
+    m = cfg.model
+    if m.backbone == "digits":
+        from .pretrained import DIGITS_ENCODER_LAYER, load_digits_encoder
+
+        backbone = load_digits_encoder(m.weights)
+        layer = m.layer if m.layer is not None else DIGITS_ENCODER_LAYER
+    else:
+        backbone = create_backbone(m.backbone, pretrained=m.pretrained)
+        layer = m.layer
+    size = cfg.input_size()
+    return DebiasedEncoder(backbone, layer, attributes, pool=m.pool, input_size=(3, size, size),
+                           **dataclasses.asdict(m.head))
+
+
+def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Path, start: float,
+                 history: FitHistory | None) -> Metrics:
+    """Evaluate `model`, draw the figures, write metrics.json, report.md and config.yaml, print the table."""
+    ecfg = cfg.eval
+    cap = ecfg.sample_cap(cfg.fit.max_steps)
+    train = extract_features(model, data.train_eval, cap)
+    test = extract_features(model, data.test, cap)
+    methods = compare_methods(train, test, data.attributes, ecfg)
+    figures = []
+    if ecfg.tsne_samples > 0:
+        plot_tsne(test, data.attributes, out / "tsne.png", ecfg.tsne_samples, ecfg.seed, data.label_name)
+        figures.append("tsne.png")
+    if history is not None and history.step:
+        plot_training_curves(history, out / "training_curves.png")
+        figures.append("training_curves.png")
+    metrics = Metrics(methods, time.perf_counter() - start)
+    targets = check_targets(metrics)
+    notes = [f"Evaluated on {len(train.raw)} train and {len(test.raw)} test samples"
+             + (" (smoke run: eval.smoke_samples cap)." if cap is not None and cap != ecfg.max_samples else ".")]
+    if history is not None:
+        notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
+                     f"estimator_steps={cfg.fit.estimator_steps}).")
+    metrics.write(out / "metrics.json")
+    write_report(out / "report.md", metrics, targets, figures, title=f"dmm_wrap run: {out.name}", notes=notes)
+    write_run_config(cfg, out / "config.yaml")
+    print(format_table(metrics))
+    print()
+    print(format_targets(targets).replace("**", ""))
+    print(f"\nWall time {metrics.wall_seconds:.1f} s. Outputs in {out}/")
+    return metrics
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Limit torch and the OpenMP / BLAS thread pools to `n` threads inside the block (None: leave them)."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- commands
+def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The config overrides of the dedicated options (in OPTION_KEYS) followed by each --set."""
+    pairs = [(key, getattr(args, dest)) for dest, key in OPTION_KEYS.items()
+             if getattr(args, dest, None) is not None]
+    return pairs + [parse_override(text) for text in args.set]
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    cfg = load_run_config(args.config, _overrides(args))
+    out = Path(cfg.output_dir)
+    with cpu_threads(cfg.num_threads):
+        data = build_data(cfg)
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        model = build_model(cfg, data.attributes)
+        history = model.fit(data.train, config=cfg.fit)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out / "model")
+        (out / "history.json").write_text(json.dumps(history.as_dict()) + "\n")
+        evaluate_run(cfg, model, data, out, start, history)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    cfg = load_run_config(args.config, _overrides(args))
+    out = Path(cfg.output_dir)
+    with cpu_threads(cfg.num_threads):
+        model = DebiasedEncoder.from_pretrained(args.model_dir)
+        if cfg.fit.device is not None:
+            model.to(cfg.fit.device)
+        data = build_data(cfg)
+        if [a.name for a in model.attributes] != [a.name for a in data.attributes]:
+            raise ValueError(f"The model removes {[a.name for a in model.attributes]} but the config's data has "
+                             f"{[a.name for a in data.attributes]}; evaluate it with the config it was trained with.")
+        out.mkdir(parents=True, exist_ok=True)
+        evaluate_run(cfg, model, data, out, start, None)
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser, max_steps: bool) -> None:
+    parser.add_argument("config", help="YAML run file (see configs/)")
+    parser.add_argument("--output-dir", metavar="DIR", help="folder of the outputs (config key output_dir)")
+    if max_steps:
+        parser.add_argument("--max-steps", type=int, metavar="N", help="stop training after N steps (fit.max_steps)")
+    parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (fit.device)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set fit.lr=0.001 (repeatable)")
+
+
+def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_options(parser, max_steps=True)
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="folder written by save_pretrained (e.g. OUTPUT/model)")
+    _add_run_options(parser, max_steps=False)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder_to_hub
+    from .serialization import read_metrics
+
+    run_dir = Path(args.output_dir)
+    folder = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    metrics_file = run_dir / "metrics.json"
+    metrics = read_metrics(metrics_file) if metrics_file.is_file() else None
+    # The token comes from --token, else from HF_TOKEN / the huggingface-cli login; it is never written anywhere.
+    info = push_folder_to_hub(folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+                              commit_message=args.commit_message, create_pr=args.create_pr, metrics=metrics)
+    print(f"pushed {folder} to {getattr(info, 'commit_url', None) or args.repo_id}")
+    return 0
+
+
+def _push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", help="a run folder of `dmm-wrap fit` (its model/ is pushed) or a save_pretrained folder")
+    parser.add_argument("repo_id", help="Hub repository, e.g. my-org/digits-debiased")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    parser.add_argument("--commit-message", default="Upload DeepMinMax debiased encoder")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+
+
+class Command(NamedTuple):
+    """One subcommand: its name, one-line help, how it adds its arguments, and what it runs (the exit status)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    Command("fit", "train the heads on a frozen backbone, evaluate, and write the report", _fit_arguments, run_fit),
+    Command("eval", "evaluate a saved model against raw features and LEACE", _eval_arguments, run_eval),
+    Command("push", "push a trained model (and its metrics) to the Hugging Face Hub", _push_arguments, run_push),
+]
+"""The subcommands, in --help order; a new one is one more entry."""
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="dmm-wrap", description="DeepMinMax debiasing of frozen vision backbones.")
+    parser.add_argument("--version", action="version", version=f"dmm-wrap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `dmm-wrap` and `python -m dmm_wrap`; returns the exit status.
+
+    Example:
+        >>> main(["fit", "configs/synthetic_digits.yaml", "--max-steps", "5", "--output-dir", "/tmp/smoke"])
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, TypeError, OSError, ImportError) as err:
+        if os.environ.get("DMM_WRAP_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"dmm-wrap: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("dmm-wrap: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "build_parser", "COMMANDS", "Command", "RunData", "build_data", "build_model", "evaluate_run"]

@@ -1,0 +1,388 @@
+"""Side-by-side evaluation of raw Z, LEACE-erased Z and DeepMinMax Z~: task accuracy and attribute leakage.
+
+Features are extracted batch by batch and only the evaluation sets are held in memory. Every probe is trained on the
+train features and scored on held-out test features, so leakage means "B can be decoded from features the probe
+never saw", not "the probe can memorise B".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import r2_score
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from .config import Attribute
+from .model import DebiasedEncoder
+from .trainer import attrs_tensor, split_batch
+
+Method = Literal["raw", "leace", "dmm"]
+LeakageMetric = Literal["accuracy", "r2"]
+
+METHODS: tuple[Method, ...] = ("raw", "leace", "dmm")
+"""Evaluated feature sets, in report order: raw Z, LEACE-erased Z, DeepMinMax Z~."""
+
+TASK_GAIN = 0.02
+"""Target: DeepMinMax task accuracy at least raw + TASK_GAIN (and at least LEACE's)."""
+MAX_R2 = 0.10
+"""Target: MLP-probe R^2 of every continuous attribute on Z~ at most this."""
+CHANCE_MARGIN = 0.05
+"""Target: MLP-probe accuracy of every categorical attribute on Z~ at most chance + this."""
+SMOKE_STEPS = 100
+"""A run with fit.max_steps below this is a smoke run, evaluated on at most `EvalConfig.smoke_samples` samples."""
+
+
+@dataclass
+class EvalConfig:
+    """Settings of the evaluation probes; not saved with the weights."""
+
+    mlp_hidden: tuple[int, ...] = (128, 128)
+    """Hidden layer sizes of the MLP leakage probes."""
+
+    mlp_max_iter: int = 200
+    """Maximum epochs of each MLP probe; early stopping on a 10% validation split usually ends it sooner."""
+
+    linear_max_iter: int = 1000
+    """Maximum iterations of the logistic regressions (task classifier and categorical linear probes)."""
+
+    ridge_alpha: float = 1.0
+    """L2 penalty of the Ridge linear probe of continuous attributes (on standardised features)."""
+
+    seed: int = 0
+    """random_state of every probe and of the t-SNE subsample."""
+
+    leace: bool = True
+    """Also evaluate LEACE-erased raw features (needs the `concept-erasure` package)."""
+
+    max_samples: int | None = None
+    """Use at most this many train and this many test samples (the first ones each loader yields); None = all."""
+
+    smoke_samples: int = 512
+    """Cap on `max_samples` in a smoke run (fit.max_steps below SMOKE_STEPS = 100), so that checking the pipeline
+    end to end stays fast: probing a barely trained head on thousands of samples measures nothing."""
+
+    tsne_samples: int = 1000
+    """Test samples embedded by t-SNE for the figure (at most); 0 skips the t-SNE figure."""
+
+    def __post_init__(self) -> None:
+        if not self.mlp_hidden or any(not isinstance(h, int) or h < 1 for h in self.mlp_hidden):
+            raise ValueError(f"EvalConfig.mlp_hidden must be a non-empty list of ints >= 1, got {self.mlp_hidden!r}.")
+        self.mlp_hidden = tuple(self.mlp_hidden)
+        for key in ("mlp_max_iter", "linear_max_iter", "smoke_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"EvalConfig.{key} must be >= 1, got {getattr(self, key)!r}.")
+        if self.max_samples is not None and self.max_samples < 10:
+            raise ValueError(f"EvalConfig.max_samples must be None or >= 10, got {self.max_samples!r}.")
+        if self.tsne_samples < 0:
+            raise ValueError(f"EvalConfig.tsne_samples must be >= 0, got {self.tsne_samples!r}.")
+        if not self.ridge_alpha >= 0:
+            raise ValueError(f"EvalConfig.ridge_alpha must be >= 0, got {self.ridge_alpha!r}.")
+
+    def sample_cap(self, max_steps: int | None) -> int | None:
+        """Samples per split to evaluate on for a run trained with `max_steps` (smoke runs are capped)."""
+        if max_steps is None or max_steps >= SMOKE_STEPS:
+            return self.max_samples
+        return min(self.max_samples or self.smoke_samples, self.smoke_samples)
+
+
+class FeatureSet(NamedTuple):
+    """Features of one evaluation split, held in memory as numpy arrays."""
+
+    raw: np.ndarray
+    """Raw hooked features Z [N, D] (float32)."""
+    debiased: np.ndarray
+    """DeepMinMax features Z~ [N, D~] (float32)."""
+    attrs: np.ndarray
+    """Attributes [N, A] (float32; class ids in categorical columns)."""
+    labels: np.ndarray
+    """Task labels [N] (int64); -1 where the dataset has none."""
+
+
+@dataclass(frozen=True)
+class Leakage:
+    """How well one attribute can be decoded from held-out features."""
+
+    metric: LeakageMetric
+    """"accuracy" for a categorical attribute, "r2" for a continuous one."""
+    chance: float | None
+    """Majority-class frequency in the test set (categorical); None for continuous (R^2 of the mean is 0)."""
+    linear: float
+    """Score of a linear probe (logistic regression / ridge)."""
+    mlp: float
+    """Score of a freshly trained MLP probe."""
+
+
+@dataclass(frozen=True)
+class MethodMetrics:
+    """Metrics of one feature set."""
+
+    task_accuracy: float | None
+    """Test accuracy of a standardised logistic regression on the task label; None when the data has no labels."""
+    leakage: dict[str, Leakage]
+    """Leakage of each attribute, by name."""
+
+
+@dataclass
+class Metrics:
+    """Everything written to metrics.json."""
+
+    methods: dict[str, MethodMetrics] = field(default_factory=dict)
+    """Metrics of each evaluated method ("raw", "leace", "dmm")."""
+    wall_seconds: float = 0.0
+    """Wall time of the whole run that produced them."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "methods": {
+                name: {
+                    "task_accuracy": m.task_accuracy,
+                    "leakage": {attr: {"metric": lk.metric, "chance": lk.chance, "linear": lk.linear, "mlp": lk.mlp}
+                                for attr, lk in m.leakage.items()},
+                }
+                for name, m in self.methods.items()
+            },
+            "wall_seconds": self.wall_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Metrics:
+        methods = {
+            name: MethodMetrics(m["task_accuracy"], {attr: Leakage(**lk) for attr, lk in m["leakage"].items()})
+            for name, m in d["methods"].items()
+        }
+        return cls(methods, float(d["wall_seconds"]))
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write metrics.json (strict JSON: no NaN)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return path
+
+
+class TargetRow(NamedTuple):
+    """One target of the issue, checked against a measurement."""
+
+    name: str
+    """What is compared, with its direction, e.g. "dmm task accuracy >= raw + 0.02"."""
+    measured: float
+    target: float
+    """The threshold the measurement is compared with."""
+    met: bool
+
+
+# --------------------------------------------------------------------------- features
+def extract_features(model: DebiasedEncoder, loader: Iterable, max_samples: int | None = None) -> FeatureSet:
+    """Raw Z and debiased Z~ of (up to `max_samples` of) the batches of `loader`, with their attributes and labels.
+
+    Batches are `(inputs, attrs)` or `(inputs, attrs, labels, ...)`; without labels, labels are -1.
+
+    Example:
+        >>> test = extract_features(encoder, test_loader, max_samples=2000)
+    """
+    device = next(model.backbone.parameters(), torch.empty(0)).device
+    raw, debiased, attrs, labels = [], [], [], []
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch_idx, batch in enumerate(loader):
+                if max_samples is not None and count >= max_samples:
+                    break
+                inputs, b = split_batch(batch, batch_idx)
+                take = len(inputs) if max_samples is None else min(len(inputs), max_samples - count)
+                b = attrs_tensor(b, model.attributes, len(inputs), batch_idx)[:take]
+                y = batch[2] if isinstance(batch, (tuple, list)) and len(batch) > 2 else None
+                y = torch.full((take,), -1) if y is None else torch.as_tensor(y).reshape(-1)[:take]
+                z = model.features(inputs[:take].to(device))
+                raw.append(z.cpu())
+                debiased.append(model.debias(z).cpu())
+                attrs.append(b)
+                labels.append(y.long())
+                count += take
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("The evaluation loader produced no batch. Check the dataset and drop_last.")
+    return FeatureSet(torch.cat(raw).numpy(), torch.cat(debiased).numpy(), torch.cat(attrs).numpy(),
+                      torch.cat(labels).numpy())
+
+
+def encode_attributes(attrs: np.ndarray, attributes: Sequence[Attribute]) -> np.ndarray:
+    """The concept matrix LEACE erases: one-hot columns per categorical attribute, the value of a continuous one."""
+    cols = []
+    for k, a in enumerate(attributes):
+        if a.kind == "categorical":
+            cols.append(np.eye(a.num_classes, dtype=np.float64)[attrs[:, k].astype(np.int64)])
+        else:
+            cols.append(attrs[:, k : k + 1].astype(np.float64))
+    return np.concatenate(cols, axis=1)
+
+
+def fit_leace(features: np.ndarray, attrs: np.ndarray, attributes: Sequence[Attribute]) -> Any:
+    """A `concept_erasure.LeaceEraser` fitted on `features` to erase all `attributes` at once (in float64)."""
+    try:
+        from concept_erasure import LeaceEraser
+    except ImportError as err:
+        raise ImportError("LEACE needs the concept-erasure package: pip install 'dmm-wrap[eval]', "
+                          "or set eval.leace: false.") from err
+    x = torch.from_numpy(np.asarray(features, dtype=np.float64))
+    z = torch.from_numpy(encode_attributes(attrs, attributes))
+    return LeaceEraser.fit(x, z)
+
+
+def apply_eraser(eraser: Any, features: np.ndarray) -> np.ndarray:
+    """Erase with a float64 eraser and return float32 features."""
+    return eraser(torch.from_numpy(np.asarray(features, dtype=np.float64))).numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- probes
+def _classifier_accuracy(model: Any, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                         y_test: np.ndarray) -> float:
+    classes = np.unique(y_train)
+    if len(classes) < 2:  # nothing to learn: the probe can only predict the one class it saw
+        return float(np.mean(y_test == classes[0]))
+    model.fit(x_train, y_train)
+    return float(np.mean(model.predict(x_test) == y_test))
+
+
+def _linear_classifier(cfg: EvalConfig) -> Pipeline:
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=cfg.linear_max_iter))
+
+
+def _mlp(cfg: EvalConfig, regression: bool) -> Any:
+    kind = MLPRegressor if regression else MLPClassifier
+    net = make_pipeline(StandardScaler(), kind(hidden_layer_sizes=cfg.mlp_hidden, early_stopping=True,
+                                               max_iter=cfg.mlp_max_iter, random_state=cfg.seed))
+    # A standardised target gives the regressor the same well-scaled problem for any attribute's units.
+    return TransformedTargetRegressor(net, transformer=StandardScaler()) if regression else net
+
+
+def task_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                  cfg: EvalConfig) -> float | None:
+    """Test accuracy of a logistic regression on standardised features (the paper's protocol); None without labels."""
+    keep_train, keep_test = train_y >= 0, test_y >= 0
+    if not keep_train.any() or not keep_test.any():
+        return None
+    return _classifier_accuracy(_linear_classifier(cfg), train_x[keep_train], train_y[keep_train],
+                                test_x[keep_test], test_y[keep_test])
+
+
+def attribute_leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarray, test_b: np.ndarray,
+                      attribute: Attribute, cfg: EvalConfig) -> Leakage:
+    """Linear and MLP probes of one attribute, trained on the train features and scored on the test features."""
+    if attribute.kind == "categorical":
+        y_train, y_test = train_b.astype(np.int64), test_b.astype(np.int64)
+        chance = float(np.bincount(y_test).max() / len(y_test))
+        linear = _classifier_accuracy(_linear_classifier(cfg), train_x, y_train, test_x, y_test)
+        mlp = _classifier_accuracy(_mlp(cfg, regression=False), train_x, y_train, test_x, y_test)
+        return Leakage("accuracy", chance, linear, mlp)
+    y_train, y_test = train_b.astype(np.float64), test_b.astype(np.float64)
+    ridge = make_pipeline(StandardScaler(), Ridge(alpha=cfg.ridge_alpha))
+    linear = float(r2_score(y_test, ridge.fit(train_x, y_train).predict(test_x)))
+    mlp = float(r2_score(y_test, _mlp(cfg, regression=True).fit(train_x, y_train).predict(test_x)))
+    return Leakage("r2", None, linear, mlp)
+
+
+def probe_method(train_x: np.ndarray, test_x: np.ndarray, train: FeatureSet, test: FeatureSet,
+                 attributes: Sequence[Attribute], cfg: EvalConfig) -> MethodMetrics:
+    """Task accuracy and the leakage of every attribute for one feature set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped by max_iter still measures leakage
+        acc = task_accuracy(train_x, train.labels, test_x, test.labels, cfg)
+        leakage = {a.name: attribute_leakage(train_x, train.attrs[:, k], test_x, test.attrs[:, k], a, cfg)
+                   for k, a in enumerate(attributes)}
+    return MethodMetrics(acc, leakage)
+
+
+def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
+                    cfg: EvalConfig | None = None) -> dict[str, MethodMetrics]:
+    """Probe raw Z, LEACE-erased Z (fitted on the train raw features) and DeepMinMax Z~ with the same protocol.
+
+    Example:
+        >>> methods = compare_methods(train, test, encoder.attributes)
+        >>> methods["dmm"].leakage["site"].mlp
+    """
+    cfg = cfg or EvalConfig()
+    views = {"raw": (train.raw, test.raw)}
+    if cfg.leace:
+        eraser = fit_leace(train.raw, train.attrs, attributes)
+        views["leace"] = (apply_eraser(eraser, train.raw), apply_eraser(eraser, test.raw))
+    views["dmm"] = (train.debiased, test.debiased)
+    return {name: probe_method(x_train, x_test, train, test, attributes, cfg)
+            for name, (x_train, x_test) in views.items()}
+
+
+def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterable,
+             cfg: EvalConfig | None = None) -> Metrics:
+    """Extract features from both loaders and compare raw, LEACE and DeepMinMax features.
+
+    Args:
+        model: a fitted DebiasedEncoder.
+        train_loader: batches (inputs, attrs, labels) the probes, the task classifier and LEACE are fitted on.
+        test_loader: held-out batches they are scored on.
+        cfg: probe settings; `cfg.max_samples` caps each split.
+
+    Returns:
+        Metrics whose wall_seconds is the time this evaluation took.
+
+    Example:
+        >>> metrics = evaluate(encoder, train_loader, test_loader)
+        >>> metrics.write("runs/x/metrics.json")
+    """
+    cfg = cfg or EvalConfig()
+    start = time.perf_counter()
+    train = extract_features(model, train_loader, cfg.max_samples)
+    test = extract_features(model, test_loader, cfg.max_samples)
+    methods = compare_methods(train, test, model.attributes, cfg)
+    return Metrics(methods, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- targets
+def check_targets(metrics: Metrics) -> list[TargetRow]:
+    """Compare DeepMinMax against the issue's targets.
+
+    Task: dmm accuracy >= raw + TASK_GAIN and >= LEACE's. Leakage by the MLP probe on Z~: R^2 <= MAX_R2 for
+    continuous attributes, accuracy <= chance + CHANCE_MARGIN for categorical ones.
+    """
+    rows: list[TargetRow] = []
+    dmm = metrics.methods.get("dmm")
+    if dmm is None:
+        return rows
+    raw, leace = metrics.methods.get("raw"), metrics.methods.get("leace")
+    if dmm.task_accuracy is not None:
+        if raw is not None and raw.task_accuracy is not None:
+            target = raw.task_accuracy + TASK_GAIN
+            rows.append(TargetRow(f"dmm task accuracy >= raw + {TASK_GAIN:g}", dmm.task_accuracy, target,
+                                  dmm.task_accuracy >= target))
+        if leace is not None and leace.task_accuracy is not None:
+            rows.append(TargetRow("dmm task accuracy >= leace", dmm.task_accuracy, leace.task_accuracy,
+                                  dmm.task_accuracy >= leace.task_accuracy))
+    for name, lk in dmm.leakage.items():
+        if lk.metric == "r2":
+            rows.append(TargetRow(f"dmm MLP-probe R2 of {name} <= {MAX_R2:g}", lk.mlp, MAX_R2, lk.mlp <= MAX_R2))
+        else:
+            assert lk.chance is not None
+            target = lk.chance + CHANCE_MARGIN
+            rows.append(TargetRow(f"dmm MLP-probe accuracy of {name} <= chance + {CHANCE_MARGIN:g}", lk.mlp, target,
+                                  lk.mlp <= target))
+    return rows
+
+
+__all__ = ["EvalConfig", "FeatureSet", "Leakage", "MethodMetrics", "Metrics", "TargetRow", "METHODS",
+           "extract_features", "encode_attributes", "fit_leace", "apply_eraser", "task_accuracy",
+           "attribute_leakage", "compare_methods", "evaluate", "check_targets"]

@@ -1,0 +1,244 @@
+"""Inference outside training: image preprocessing, the hook-free graph that compile / export use, ONNX export.
+
+`DebiasedEncoder` hooks its backbone and stops the forward by raising; that is cheap in eager mode but is not one
+graph. `InferenceModule` computes the same function without hooks: the backbone truncated at the hooked layer by
+torch.fx (so later layers are gone, not skipped), then pooling, standardisation and h_theta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import BackboneSpec
+from .config import Pooling, _check_choice, _known_keys
+from .hooks import first_tensor, pool
+from .objective import DeepMinMax
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+CropMode = Literal["center", "squash", "border"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_NODE_KEY = "features"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a PIL image becomes the backbone's input tensor; saved in config.json as "preprocessing".
+
+    Example:
+        >>> Preprocessing(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    """
+
+    input_size: tuple[int, int, int]
+    """(channels, height, width) of the network input."""
+
+    mean: tuple[float, ...]
+    """Per-channel mean subtracted after pixels are scaled to [0, 1]."""
+
+    std: tuple[float, ...]
+    """Per-channel standard deviation divided by after the mean is subtracted."""
+
+    interpolation: Interpolation = "bilinear"
+    """Resampling filter of the resize."""
+
+    crop_pct: float = 0.875
+    """The image is resized to input_size / crop_pct, then cropped to input_size (1.0: no margin)."""
+
+    crop_mode: CropMode = "center"
+    """timm's crop mode: "center" (resize the short side, center-crop), "squash" (resize both sides) or "border"."""
+
+    def __post_init__(self) -> None:
+        size = tuple(int(v) for v in self.input_size)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"Preprocessing.input_size must be (channels, height, width), got {self.input_size!r}.")
+        mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if len(mean) != size[0] or len(std) != size[0]:
+            raise ValueError(
+                f"Preprocessing.mean and .std need one value per channel ({size[0]}), got {len(mean)} and {len(std)}."
+            )
+        if min(std) <= 0:
+            raise ValueError(f"Preprocessing.std must be > 0, got {std}.")
+        _check_choice("Preprocessing", "interpolation", self.interpolation, get_args(Interpolation))
+        _check_choice("Preprocessing", "crop_mode", self.crop_mode, get_args(CropMode))
+        if not 0 < float(self.crop_pct) <= 1:
+            raise ValueError(f"Preprocessing.crop_pct must lie in (0, 1], got {self.crop_pct!r}.")
+        object.__setattr__(self, "input_size", size)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        """Build from a mapping; unknown keys are dropped with a warning, missing required ones raise."""
+        if not isinstance(d, dict):
+            raise TypeError(f"preprocessing must be a mapping or a Preprocessing, got {type(d).__name__}.")
+        missing = [k for k in ("input_size", "mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"preprocessing lacks {missing}; give input_size, mean and std at least.")
+        return cls(**_known_keys(cls, d, "preprocessing"))
+
+    def transform(self) -> Callable[[Any], Tensor]:
+        """The eval transform (resize, crop, to tensor, normalise) built by `timm.data.create_transform`."""
+        from timm.data import create_transform
+
+        return create_transform(input_size=self.input_size, is_training=False, interpolation=self.interpolation,
+                                mean=self.mean, std=self.std, crop_pct=self.crop_pct, crop_mode=self.crop_mode)
+
+
+def as_preprocessing(value: Preprocessing | dict[str, Any] | None) -> Preprocessing | None:
+    """Accept a Preprocessing, a dict of its fields, or None."""
+    if value is None or isinstance(value, Preprocessing):
+        return value
+    return Preprocessing.from_dict(value)
+
+
+def default_preprocessing(backbone: nn.Module, spec: BackboneSpec,
+                          input_size: Sequence[int] | None) -> Preprocessing | None:
+    """The preprocessing a backbone expects, or None when it cannot be known.
+
+    timm: `timm.data.resolve_model_data_config`. torchvision: the transforms of the pretrained weights enum when
+    `spec.pretrained_tag` names one, else ImageNet statistics at 224 px with bilinear resize and crop_pct 0.875.
+    custom: None (set `DebiasedEncoder.preprocessing` yourself). An `input_size` of (C, H, W) given to the encoder
+    replaces the backbone's default resolution, since that is the size the model was built for.
+    """
+    size = tuple(input_size) if input_size is not None and len(input_size) == 3 else None
+    try:
+        fields = _backbone_preprocessing(backbone, spec, size)
+        return Preprocessing(**fields) if fields is not None else None
+    except Exception as err:  # noqa: BLE001 - a convenience: it must never stop the model from being built
+        warnings.warn(f"No preprocessing recorded ({type(err).__name__}: {err}); set model.preprocessing to use "
+                      "model.preprocess.", stacklevel=3)
+        return None
+
+
+def _backbone_preprocessing(backbone: nn.Module, spec: BackboneSpec,
+                            size: tuple[int, ...] | None) -> dict[str, Any] | None:
+    from .pretrained import DIGITS_ENCODER_TAG
+
+    if spec.pretrained_tag == DIGITS_ENCODER_TAG:
+        return None  # trained on SyntheticDigits tensors, which are generated already normalised
+    if spec.source == "timm":
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(backbone)
+        return dict(input_size=size or cfg["input_size"], mean=cfg["mean"], std=cfg["std"],
+                    interpolation=cfg.get("interpolation", "bicubic"), crop_pct=cfg.get("crop_pct", 0.875),
+                    crop_mode=cfg.get("crop_mode") or "center")
+    if spec.source == "torchvision":
+        fields: dict[str, Any] = dict(input_size=size or (3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                      interpolation="bilinear", crop_pct=0.875)
+        fields.update(_torchvision_weights_preprocessing(spec.pretrained_tag, size))
+        return fields
+    return None
+
+
+def _torchvision_weights_preprocessing(tag: str | None, size: tuple[int, ...] | None) -> dict[str, Any]:
+    if tag is None:
+        return {}
+    import torchvision
+
+    transforms = torchvision.models.get_weight(tag).transforms()
+    crop, resize = getattr(transforms, "crop_size", None), getattr(transforms, "resize_size", None)
+    if not crop or not resize or not hasattr(transforms, "mean"):
+        return {}  # detection / video weights: not an image-classification transform
+    out: dict[str, Any] = dict(mean=tuple(transforms.mean), std=tuple(transforms.std),
+                               interpolation=transforms.interpolation.value, crop_pct=crop[0] / resize[0])
+    if size is None:
+        out["input_size"] = (3, crop[0], crop[0])
+    return out
+
+
+class InferenceModule(nn.Module):
+    """`DebiasedEncoder.forward` as one hook-free graph: truncated backbone -> pooling -> standardisation -> h_theta.
+
+    It shares the backbone and h_theta parameters with the encoder it came from and copies the standardisation
+    statistics: build a new one after `fit`. It stays in eval mode.
+    """
+
+    def __init__(self, trunk: nn.Module, pool: Pooling, heads: DeepMinMax, truncated: bool) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.pool: Pooling = pool
+        self.truncated = truncated  # trunk returns {"features": hooked output}; else it is the whole backbone
+        self.h = heads.h
+        self.register_buffer("feature_mean", heads.feature_mean.detach().clone())
+        self.register_buffer("feature_std", heads.feature_std.detach().clone())
+        self.train(False)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        out = self.trunk(inputs)
+        if self.truncated:
+            out = out[_NODE_KEY]
+        z = pool(first_tensor(out), self.pool).float()
+        return self.h((z - self.feature_mean) / self.feature_std)
+
+    def train(self, mode: bool = True) -> InferenceModule:
+        super().train(False)
+        return self
+
+
+def truncate_backbone(backbone: nn.Module, layer: str | None, spec: BackboneSpec) -> tuple[nn.Module, bool]:
+    """The backbone up to `layer` with no hook: an FX GraphModule returning {"features": output of layer}.
+
+    Returns the module and whether it was truncated (layer None keeps the whole backbone). timm models are traced
+    with timm's leaf-module rules, others with torchvision's `create_feature_extractor`.
+    """
+    if layer is None:
+        return backbone, False
+    if spec.source == "timm" or hasattr(backbone, "pretrained_cfg"):
+        from timm.models import create_feature_extractor
+
+        build = lambda: create_feature_extractor(backbone, {layer: _NODE_KEY})  # noqa: E731
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor as tv_create
+
+        build = lambda: tv_create(backbone, {layer: _NODE_KEY}, suppress_diff_warning=True)  # noqa: E731
+    try:
+        return build(), True
+    except Exception as err:  # noqa: BLE001 - FX raises many types (TraceError, TypeError, ValueError, ...)
+        raise ValueError(
+            f"Cannot build a hook-free graph of {type(backbone).__name__} up to layer {layer!r}: torch.fx could not "
+            f"trace it ({type(err).__name__}: {err}). The hooked model still works in eager mode and under "
+            "torch.compile(model); for export, hook a layer FX can reach or mark the untraceable function with "
+            "torch.fx.wrap."
+        ) from err
+
+
+def export_onnx(module: nn.Module, path: str | os.PathLike, example: Tensor, *, dynamic_batch: bool = True,
+                opset_version: int | None = None) -> Path:
+    """Export `module` to ONNX with the dynamo exporter; input "inputs", output "z_tilde".
+
+    Args:
+        module: usually `DebiasedEncoder.inference_module()`.
+        path: the .onnx file to write.
+        example: an input batch [N, ...]; with `dynamic_batch` the batch dimension stays symbolic.
+        opset_version: ONNX opset; None uses the exporter's default.
+    """
+    if importlib.util.find_spec("onnxscript") is None or importlib.util.find_spec("onnx") is None:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'dmm-wrap[export]'.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with torch.no_grad():
+        torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["inputs"],
+                          output_names=["z_tilde"], dynamic_shapes=dynamic_shapes, opset_version=opset_version,
+                          verbose=False)
+    return path
+
+
+__all__ = ["Preprocessing", "InferenceModule", "as_preprocessing", "default_preprocessing", "truncate_backbone",
+           "export_onnx", "IMAGENET_MEAN", "IMAGENET_STD"]

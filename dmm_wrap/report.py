@@ -1,0 +1,205 @@
+"""The run report: a metrics table, the targets, a t-SNE figure and the training curves.
+
+Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas, never through pyplot, so no global backend is
+switched and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import Attribute
+from .evaluate import FeatureSet, Metrics, TargetRow
+from .trainer import FitHistory
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+METHOD_TITLES = {"raw": "raw Z", "leace": "LEACE", "dmm": "DeepMinMax Z~"}
+"""How each method is named in tables and figures."""
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def format_table(metrics: Metrics) -> str:
+    """A Markdown table: one row per method, task accuracy then linear / MLP leakage per attribute, chance first.
+
+    Example:
+        >>> print(format_table(Metrics.from_dict(json.load(open("runs/x/metrics.json")))))
+    """
+    names = list(metrics.methods)
+    first = metrics.methods[names[0]]
+    header = ["method", "task acc"]
+    for attr, lk in first.leakage.items():
+        unit = "acc" if lk.metric == "accuracy" else "R²"
+        header += [f"{attr} {unit} linear", f"{attr} {unit} MLP"]
+    rows = [["chance", "—"] + [cell for lk in first.leakage.values() for cell in (_fmt(lk.chance),) * 2]]
+    for name in names:
+        m = metrics.methods[name]
+        row = [METHOD_TITLES.get(name, name), _fmt(m.task_accuracy)]
+        for lk in m.leakage.values():
+            row += [_fmt(lk.linear), _fmt(lk.mlp)]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def format_targets(rows: Sequence[TargetRow]) -> str:
+    """One Markdown bullet per target: MET / NOT MET, the measurement and the threshold."""
+    if not rows:
+        return "- (no target applies: DeepMinMax was not evaluated)"
+    return "\n".join(f"- **{'MET' if r.met else 'NOT MET'}**: {r.name} — measured {r.measured:.3f}, "
+                     f"target {r.target:.3f}" for r in rows)
+
+
+def render_report(metrics: Metrics, targets: Sequence[TargetRow], figures: Sequence[str] = (),
+                  title: str = "dmm_wrap run", notes: Sequence[str] = ()) -> str:
+    """The text of report.md: the table, the targets, the figures (paths relative to the report) and notes."""
+    met = sum(r.met for r in targets)
+    parts = [
+        f"# {title}",
+        "",
+        "Task accuracy: logistic regression on standardised features, trained on the train split, scored on the test "
+        "split. Leakage: probes trained on train features and scored on held-out test features (accuracy for "
+        "categorical attributes, chance = majority-class frequency; R² for continuous ones, 0 = no information).",
+        "",
+        format_table(metrics),
+        "",
+        f"## Targets ({met}/{len(targets)} met)",
+        "",
+        format_targets(targets),
+        "",
+        f"Whole run: {metrics.wall_seconds:.1f} s.",
+    ]
+    if notes:
+        parts += ["", "## Notes", "", *(f"- {n}" for n in notes)]
+    if figures:
+        parts += ["", "## Figures", ""]
+        parts += [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(path: str | os.PathLike, metrics: Metrics, targets: Sequence[TargetRow],
+                 figures: Sequence[str] = (), title: str = "dmm_wrap run", notes: Sequence[str] = ()) -> Path:
+    """Write report.md (see `render_report`)."""
+    path = Path(path)
+    path.write_text(render_report(metrics, targets, figures, title, notes), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- figures
+def _figure(rows: int, cols: int, size: tuple[float, float]) -> Figure:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("Figures need matplotlib: pip install 'dmm-wrap[eval]'.") from err
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def embed_tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE embedding (PCA init) of standardised features."""
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+
+    x = StandardScaler().fit_transform(features)
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+    return TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed).fit_transform(x)
+
+
+def plot_tsne(test: FeatureSet, attributes: Sequence[Attribute], path: str | os.PathLike, max_points: int = 1000,
+              seed: int = 0, label_name: str = "label") -> Path:
+    """t-SNE of raw Z (top row) and DeepMinMax Z~ (bottom row) coloured by each attribute and by the task label.
+
+    This is the paper's Figure 1: after debiasing, the colours of an attribute should be mixed while the task
+    label still forms clusters.
+
+    Example:
+        >>> plot_tsne(extract_features(encoder, test_loader), encoder.attributes, "runs/x/tsne.png")
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    n = len(test.raw)
+    idx = np.random.default_rng(seed).permutation(n)[: min(n, max_points)]
+    idx.sort()
+    # (title, values, number of classes or None for a continuous colour scale)
+    colourings = [(a.name, test.attrs[idx, k], a.num_classes) for k, a in enumerate(attributes)]
+    if (test.labels[idx] >= 0).any():
+        colourings.append((label_name, test.labels[idx], int(test.labels.max()) + 1))
+    views = [("raw", test.raw[idx]), ("dmm", test.debiased[idx])]
+    fig = _figure(len(views), len(colourings), (3.4, 3.0))
+    axes = fig.subplots(len(views), len(colourings), squeeze=False)
+    for r, (method, feats) in enumerate(views):
+        xy = embed_tsne(feats, seed)
+        for c, (name, values, classes) in enumerate(colourings):
+            ax = axes[r][c]
+            if classes is not None:  # one distinct colour per class, one tick per class
+                base = colormaps["tab10" if classes <= 10 else "tab20"]
+                cmap = ListedColormap(base.colors[:classes]) if classes <= base.N else base.resampled(classes)
+                sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=4, cmap=cmap, vmin=-0.5, vmax=classes - 0.5)
+                fig.colorbar(sc, ax=ax, shrink=0.8, ticks=range(classes) if classes <= 20 else None)
+            else:
+                sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=4, cmap="viridis")
+                fig.colorbar(sc, ax=ax, shrink=0.8)
+            ax.set_title(f"{METHOD_TITLES[method]} — {name}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"t-SNE of {len(idx)} test samples", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(v) < window:
+        return v
+    kernel = np.ones(window) / window
+    return np.convolve(np.pad(v, (window - 1, 0), mode="edge"), kernel, mode="valid")
+
+
+def plot_training_curves(history: FitHistory, path: str | os.PathLike) -> Path:
+    """Loss terms of `fit` against the step: total loss, CLUB per attribute (and their sum), retain NLL, q's NLL.
+
+    Raw values are drawn faint, a moving average on top.
+    """
+    window = max(1, len(history.step) // 50)
+    panels = [("loss = lam L_d + (1 - lam) L_r", {"loss": history.loss}),
+              ("debias L_d: CLUB of I(B; Z~) (nats)", {"sum": history.debias, **history.club}),
+              ("retain L_r: -log m(Z | Z~, B)", {"retain": history.retain}),
+              ("q NLL: fit of CLUB's q(B | Z~)", {"q_nll": history.q_nll})]
+    fig = _figure(2, 2, (4.6, 3.2))
+    axes = fig.subplots(2, 2, squeeze=False).ravel()
+    steps = np.asarray(history.step)
+    for ax, (title, series) in zip(axes, panels):
+        for i, (name, values) in enumerate(series.items()):
+            if not values:
+                continue
+            colour = f"C{i}"
+            ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _smooth(values, window), color=colour, linewidth=1.5, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+__all__ = ["format_table", "format_targets", "render_report", "write_report", "embed_tsne", "plot_tsne",
+           "plot_training_curves", "METHOD_TITLES"]

@@ -1,0 +1,417 @@
+"""The YAML run configuration of the CLI: typed sections, strict validation, and `--set KEY=VALUE` overrides.
+
+A run file has the sections `data`, `model`, `fit`, `eval` and the key `output_dir`. Every value is checked against
+the annotation of its dataclass field, and every error names the full key path, e.g.
+"fit.lrr: unknown key; did you mean 'lr'?" or "fit.epochs: expected int, got str 'ten'".
+
+Example:
+    >>> cfg = load_run_config("configs/synthetic_digits.yaml", [("fit.max_steps", 5)])
+    >>> cfg.fit.max_steps
+    5
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .config import Attribute, FitConfig, HeadConfig, Pooling
+from .evaluate import EvalConfig
+
+DataKind = Literal["synthetic_digits", "image_csv", "camelyon17"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+OPTION_KEYS: dict[str, str] = {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device"}
+"""The config key each dedicated CLI option sets (`--output-dir DIR` is `--set output_dir=DIR`)."""
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message starts with the offending key path."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images and attributes come from, and how they are batched."""
+
+    kind: DataKind = "synthetic_digits"
+    """"synthetic_digits" (generated, nothing to download), "image_csv" (your images + a CSV of attributes) or
+    "camelyon17" (the WILDS layout; attribute: center)."""
+
+    num_train: int = 8192
+    """synthetic_digits: training images generated."""
+
+    num_test: int = 2048
+    """synthetic_digits: test images generated (with a different seed stream)."""
+
+    image_size: int | None = None
+    """Side of the square input images; None = the digits encoder's size for backbone "digits" and for
+    synthetic_digits, 224 otherwise."""
+
+    num_sites: int = 3
+    """synthetic_digits: number of acquisition sites (the categorical attribute)."""
+
+    seed: int = 0
+    """synthetic_digits: generation seed; also seeds the shuffling of map-style training loaders."""
+
+    root: str | None = None
+    """image_csv: folder the CSV paths are relative to; camelyon17: the WILDS root. Relative to the working dir."""
+
+    csv: str | None = None
+    """image_csv: CSV of the training images (one row per image)."""
+
+    test_csv: str | None = None
+    """image_csv: CSV of the held-out images the evaluation scores on."""
+
+    path_column: str = "path"
+    """image_csv: column holding each image's path."""
+
+    label_column: str | None = None
+    """image_csv: column of the task label (integer class ids); None = no task accuracy is measured."""
+
+    attributes: list[Attribute] = field(default_factory=list)
+    """image_csv: the attributes to remove, each {name, kind, num_classes}; the name is the CSV column."""
+
+    train_split: str = "train"
+    """camelyon17: WILDS split used for training."""
+
+    test_split: str = "id_val"
+    """camelyon17: WILDS split used for evaluation ("id_val" shares the training centers, so center leakage can be
+    measured; "test" holds one unseen center only)."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    """image_csv / camelyon17: per-channel mean subtracted after scaling pixels to [0, 1]."""
+
+    std: tuple[float, ...] = IMAGENET_STD
+    """image_csv / camelyon17: per-channel standard deviation divided by."""
+
+    batch_size: int = 128
+    """Batch size of training and of feature extraction."""
+
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_train", "num_test", "num_sites", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)!r}.")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers!r}.")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(f"data.image_size: must be None or >= 8, got {self.image_size!r}.")
+        if self.kind == "image_csv":
+            for key in ("root", "csv", "test_csv"):
+                if getattr(self, key) is None:
+                    raise ConfigError(f"data.{key}: required when data.kind is 'image_csv'.")
+            if not self.attributes:
+                raise ConfigError("data.attributes: required when data.kind is 'image_csv', e.g. "
+                                  "[{name: site, kind: categorical, num_classes: 3}].")
+        elif self.attributes:
+            raise ConfigError(f"data.attributes: only for data.kind 'image_csv'; {self.kind!r} defines its own.")
+        if self.kind == "camelyon17" and self.root is None:
+            raise ConfigError("data.root: required when data.kind is 'camelyon17' (the WILDS data folder).")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"data.std: needs one value per channel of data.mean ({len(self.mean)}).")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen backbone, the hooked layer, and the architecture of the heads (HeadConfig keys sit here too)."""
+
+    backbone: str = "digits"
+    """"digits" (the shipped encoder trained on synthetic digits), "timm:NAME" or "torchvision:NAME"."""
+
+    pretrained: bool | str = False
+    """timm / torchvision: start from pretrained weights (true, or a weights tag); needs the network or a cache."""
+
+    weights: str | None = None
+    """backbone "digits": path of the encoder weights; None = the file shipped with dmm_wrap."""
+
+    layer: str | None = None
+    """Module whose output is debiased; None = the digits encoder's layer, or the backbone's output."""
+
+    pool: Pooling = "avg"
+    """How a hooked map or token sequence becomes [N, D]: "avg", "max", "cls" or "flatten"."""
+
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """Architecture of the heads; its keys (h_layers, out_dim, standardize, ...) are written directly under model."""
+
+    _flatten = ("head",)
+
+    def __post_init__(self) -> None:
+        source = self.backbone.partition(":")[0]
+        if self.backbone != "digits" and (":" not in self.backbone or source not in ("timm", "torchvision")):
+            raise ConfigError(f"model.backbone: expected 'digits', 'timm:NAME' or 'torchvision:NAME', "
+                              f"got {self.backbone!r}.")
+        if self.weights is not None and self.backbone != "digits":
+            raise ConfigError("model.weights: only for backbone 'digits'; use model.pretrained for timm/torchvision.")
+
+
+@dataclass
+class RunConfig:
+    """One CLI run: data, model, training, evaluation, and where the outputs go."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Images, attributes and loaders."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone, layer, pooling and heads."""
+
+    fit: FitConfig = field(default_factory=FitConfig)
+    """Options of `DebiasedEncoder.fit` (epochs, max_steps, lr, lam, device, ...)."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Probe settings of the evaluation."""
+
+    output_dir: str = "runs/dmm_wrap"
+    """Folder of metrics.json, report.md, the figures, history.json, config.yaml and model/."""
+
+    seed: int | None = 0
+    """torch.manual_seed before the model is built, so the heads' initialisation (and so the run) is reproducible;
+    None leaves torch's global RNG alone."""
+
+    num_threads: int | None = None
+    """CPU threads of torch and of the OpenMP / BLAS pools (scikit-learn probes, t-SNE) during the run; None keeps the
+    libraries' defaults. On a shared, oversubscribed CPU, 1 thread is many times faster: the spinning barriers of
+    threads that the scheduler has descheduled dominate small workloads."""
+
+    def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads: must be None or >= 1, got {self.num_threads!r}.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build and validate a run config from a plain mapping (as read from YAML)."""
+        return build_section(cls, values, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-friendly data (head keys flattened into model)."""
+        return to_plain(self)
+
+    def input_size(self) -> int:
+        """The image side the loaders produce (see DataConfig.image_size)."""
+        if self.data.image_size is not None:
+            return self.data.image_size
+        if self.model.backbone == "digits" or self.data.kind == "synthetic_digits":
+            from .pretrained import DIGITS_IMAGE_SIZE
+
+            return DIGITS_IMAGE_SIZE
+        return 224
+
+
+# --------------------------------------------------------------------------- validation
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _got(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` and return it in that type, or raise ConfigError naming `path`.
+
+    ints are accepted where a float is expected, and so are numeric strings, because YAML 1.1 (PyYAML) reads
+    `1e-3` as a string. Lists become tuples for tuple fields.
+    """
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got None.")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(path, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and isinstance(value, str) == isinstance(choices[0], str):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ConfigError(f"{path}: expected one of {list(choices)}, got {value!r}{hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {_got(value)}.")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        items = [coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"Internal: no config check for annotation {tp!r} at {path}.")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}.")
+
+
+def build_section(cls: type, values: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value; nested dataclasses are built recursively.
+
+    A class may list fields in `_flatten`: the keys of those nested dataclasses are then written at this level.
+    """
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of options, got {_got(values)}.")
+    own = _field_types(cls)
+    flattened = {name: own.pop(name) for name in getattr(cls, "_flatten", ())}
+    owner = {key: name for name, sub in flattened.items() for key in _field_types(sub)}
+    kwargs: dict[str, Any] = {}
+    sub_values: dict[str, dict[str, Any]] = {name: {} for name in flattened}
+    for key, value in values.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key in own:
+            kwargs[key] = coerce(key_path, value, own[key])
+        elif key in owner:
+            sub_values[owner[key]][key] = value
+        else:
+            valid = list(own) + list(owner)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}."
+            raise ConfigError(f"{key_path}: unknown key; {hint}")
+    for name, sub in flattened.items():
+        kwargs[name] = build_section(sub, sub_values[name], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        # The dataclasses name their fields "FitConfig.lam"; say "fit.lam", the key the user wrote.
+        msg = str(err).replace(f"{cls.__name__}.", f"{path}." if path else "")
+        raise ConfigError(msg if path and msg.startswith(f"{path}.") else f"{path or 'config'}: {msg}") from err
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses as dicts (flattened fields merged into their parent), tuples as lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        flat = getattr(type(obj), "_flatten", ())
+        for f in dataclasses.fields(obj):
+            value = to_plain(getattr(obj, f.name))
+            if f.name in flat:
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------- files and overrides
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split "fit.lr=0.001" into ("fit.lr", 0.001); the value is read as YAML (null, true, [64, 64], ...)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. fit.lr=0.001), got {text!r}.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot read the value {raw!r} as YAML.") from err
+    return key, value
+
+
+def apply_overrides(values: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of `values` with each dotted key set ("fit.lr" sets values["fit"]["lr"])."""
+    out = copy.deepcopy(dict(values))
+    for key, value in overrides:
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: expected a mapping to set {key!r}, got {_got(child)}.")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a run file as a mapping (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} not found.")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}).") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, fit, eval), got {_got(values)}.")
+    return values
+
+
+def load_run_config(path: str | os.PathLike, overrides: Iterable[tuple[str, Any]] = ()) -> RunConfig:
+    """Read a YAML run file, apply dotted-key overrides, and validate the result.
+
+    Example:
+        >>> load_run_config("configs/synthetic_digits.yaml", [parse_override("fit.lr=0.001")])
+    """
+    return RunConfig.from_dict(apply_overrides(read_yaml(path), overrides))
+
+
+def write_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML; loading it back gives the same RunConfig."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    return path
+
+
+__all__ = ["RunConfig", "DataConfig", "ModelConfig", "ConfigError", "OPTION_KEYS", "load_run_config",
+           "parse_override", "apply_overrides", "read_yaml", "write_run_config", "build_section", "coerce"]

@@ -1,0 +1,156 @@
+"""Train the digits encoder shipped with dmm_wrap (timm "test_resnet", 373k parameters) on SyntheticDigits.
+
+The encoder learns the digit AND the nuisances: a temporary linear head on its pooled features is trained to classify
+the digit, regress the rotation and stroke width, and classify the acquisition site (like the InfoGAN discriminator
+of the DeepMinMax paper). Its features therefore carry the sensitive attributes that DeepMinMax should remove. Only
+the backbone is saved (the head is dropped), as float32 safetensors, with its sha256 next to it.
+
+Reproduce the shipped weights (about 2 minutes on 2 CPU cores; one intra-op thread is both faster and the setting
+the shipped file was made with):
+
+    .venv/bin/python examples/train_digits_encoder.py --out-dir dmm_wrap/assets
+
+With torch 2.14.1 (CPU) two runs of this command wrote the same bytes (sha256 17014cb6...), so the .sha256 file
+checks the reproduction too; other torch versions or thread counts may change the last bits of the weights.
+
+Run: python examples/train_digits_encoder.py [--epochs 4] [--num-train 16384] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dmm_wrap.backbones import create_backbone
+from dmm_wrap.data import NUM_DIGIT_CLASSES, SyntheticDigits
+from dmm_wrap.hooks import FeatureExtractor
+
+WEIGHTS_NAME = "digits_test_resnet.safetensors"
+CHECKSUM_NAME = "digits_test_resnet.sha256"
+CANDIDATE_LAYERS = ("layer3", "layer4", None)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=4, help="passes; each epoch draws fresh samples (seed + epoch)")
+    p.add_argument("--num-train", type=int, default=16384, help="training samples per epoch")
+    p.add_argument("--num-test", type=int, default=4096, help="held-out samples (unseen source digits)")
+    p.add_argument("--probe-train", type=int, default=4096, help="samples the linear probes are fitted on")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the shipped weights used 1)")
+    p.add_argument("--out-dir", type=Path, default=Path("outputs/digits_encoder"))
+    return p.parse_args()
+
+
+def split_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head output -> (digit logits, [rotation, width] predictions, site logits)."""
+    return out[:, :NUM_DIGIT_CLASSES], out[:, NUM_DIGIT_CLASSES:NUM_DIGIT_CLASSES + 2], out[:, NUM_DIGIT_CLASSES + 2:]
+
+
+@torch.no_grad()
+def features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    return torch.cat([extractor(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def r2(y: np.ndarray, pred: np.ndarray) -> float:
+    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def probe_scores(ztr: np.ndarray, btr: np.ndarray, ytr: np.ndarray, zte: np.ndarray, bte: np.ndarray,
+                 yte: np.ndarray) -> dict[str, float]:
+    """Held-out linear-probe scores: digit and site accuracy, rotation and width R^2."""
+    scaler = StandardScaler().fit(ztr)
+    ztr, zte = scaler.transform(ztr), scaler.transform(zte)
+    out = {"digit_acc": LogisticRegression(max_iter=2000).fit(ztr, ytr).score(zte, yte),
+           "site_acc": LogisticRegression(max_iter=2000).fit(ztr, btr[:, 2]).score(zte, bte[:, 2])}
+    for k, name in ((0, "rotation_r2"), (1, "width_r2")):
+        out[name] = r2(bte[:, k], LinearRegression().fit(ztr, btr[:, k]).predict(zte))
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(args.threads):  # scikit-learn's BLAS too: extra threads on busy cores cost far more
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    start = time.time()
+    backbone = create_backbone("timm:test_resnet", num_classes=0)
+    width = backbone.num_features
+    head = nn.Linear(width, NUM_DIGIT_CLASSES + 2 + 3)
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    steps_per_epoch = -(-args.num_train // args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    for epoch in range(args.epochs):
+        backbone.train()
+        data = SyntheticDigits("train", args.num_train, image_size=args.image_size, seed=args.seed + 1000 + epoch)
+        totals = torch.zeros(4)
+        for images, attrs, labels in DataLoader(data, batch_size=args.batch_size):
+            digit, codes, site = split_outputs(head(backbone(images)))
+            # Uniform codes in [-1, 1] have variance 1/3: the factor 3 puts the regression on the scale of the CEs.
+            losses = torch.stack([F.cross_entropy(digit, labels), 3 * F.mse_loss(codes, attrs[:, :2]),
+                                  F.cross_entropy(site, attrs[:, 2].long())])
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            opt.step()
+            sched.step()
+            totals += torch.cat([losses.detach(), torch.ones(1)])
+        mean = totals[:3] / totals[3]
+        print(f"epoch {epoch + 1}/{args.epochs}: digit CE {mean[0]:.3f}  codes 3*MSE {mean[1]:.3f}  "
+              f"site CE {mean[2]:.3f}  ({time.time() - start:.0f} s)", flush=True)
+
+    backbone.eval()
+    test = SyntheticDigits("test", args.num_test, image_size=args.image_size, seed=args.seed).generate()
+    with torch.no_grad():
+        digit, codes, site = split_outputs(head(features(backbone, test.images)))
+    print("held-out (unseen source digits), temporary heads:")
+    print(f"  digit acc {(digit.argmax(1) == test.labels).float().mean():.3f}   site acc "
+          f"{(site.argmax(1) == test.attrs[:, 2].long()).float().mean():.3f}   rotation R^2 "
+          f"{r2(test.attrs[:, 0].numpy(), codes[:, 0].numpy()):.3f}   width R^2 "
+          f"{r2(test.attrs[:, 1].numpy(), codes[:, 1].numpy()):.3f}")
+
+    probe = SyntheticDigits("train", args.probe_train, image_size=args.image_size, seed=args.seed + 1).generate()
+    print(f"held-out linear probes on frozen features (fitted on {args.probe_train} training samples):")
+    for layer in CANDIDATE_LAYERS:
+        extractor = FeatureExtractor(backbone, layer, "avg")
+        ztr, zte = features(extractor, probe.images).numpy(), features(extractor, test.images).numpy()
+        s = probe_scores(ztr, probe.attrs.numpy(), probe.labels.numpy(), zte, test.attrs.numpy(), test.labels.numpy())
+        print(f"  {str(layer):7s} (D={ztr.shape[1]:3d}): digit acc {s['digit_acc']:.3f}  site acc {s['site_acc']:.3f}"
+              f"  rotation R^2 {s['rotation_r2']:.3f}  width R^2 {s['width_r2']:.3f}")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    weights = args.out_dir / WEIGHTS_NAME
+    # One metadata key: safetensors writes several in a random order, which would change the bytes (and sha256).
+    provenance = {"architecture": "timm:test_resnet", "image_size": args.image_size, "seed": args.seed,
+                  "trained_by": "examples/train_digits_encoder.py"}
+    save_file(state, str(weights), metadata={"dmm_wrap": json.dumps(provenance, sort_keys=True)})
+    weights.chmod(0o644)  # safetensors writes 0600; package data must be readable by every user
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (args.out_dir / CHECKSUM_NAME).write_text(digest + "\n")
+    print(f"saved {weights} ({weights.stat().st_size / 1e6:.2f} MB, sha256 {digest}) in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

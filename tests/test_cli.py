@@ -1,0 +1,139 @@
+"""CLI: a smoke run of the default config writes every output quickly; errors exit 2 with the key in one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dmm_wrap import DebiasedEncoder
+from dmm_wrap.cli import COMMANDS, Command, build_parser, main
+from dmm_wrap.evaluate import Metrics
+from dmm_wrap.run_config import load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = str(ROOT / "configs" / "synthetic_digits.yaml")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("smoke")
+    start = time.perf_counter()
+    status = main(["fit", DEFAULT, "--max-steps", "5", "--output-dir", str(out), "--set", "fit.progress=false"])
+    assert status == 0
+    return out, time.perf_counter() - start
+
+
+def test_smoke_run_writes_every_output(smoke_run: tuple[Path, float], capsys: pytest.CaptureFixture) -> None:
+    out, seconds = smoke_run
+    assert seconds < 60
+    for name in ("metrics.json", "report.md", "tsne.png", "training_curves.png", "history.json", "config.yaml",
+                 "model/config.json", "model/model.safetensors"):
+        assert (out / name).is_file(), name
+    for png in ("tsne.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    data = json.loads((out / "metrics.json").read_text())
+    assert set(data) == {"methods", "wall_seconds"} and 0 < data["wall_seconds"] < 60
+    assert list(data["methods"]) == ["raw", "leace", "dmm"]
+    for method in data["methods"].values():
+        assert set(method) == {"task_accuracy", "leakage"} and isinstance(method["task_accuracy"], float)
+        assert set(method["leakage"]) == {"rotation", "width", "site"}
+        for entry in method["leakage"].values():
+            assert set(entry) == {"metric", "chance", "linear", "mlp"}
+        assert method["leakage"]["site"]["metric"] == "accuracy" and method["leakage"]["rotation"]["metric"] == "r2"
+    Metrics.from_dict(data)
+
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and ("MET" in report) and "![tsne](tsne.png)" in report
+    assert json.loads((out / "history.json").read_text())["steps_done"] == 5
+    resolved = load_run_config(out / "config.yaml")
+    assert resolved.fit.max_steps == 5 and resolved.output_dir == str(out)
+
+
+def test_smoke_model_loads_and_matches(smoke_run: tuple[Path, float]) -> None:
+    out, _ = smoke_run
+    model = DebiasedEncoder.from_pretrained(out / "model")
+    x = torch.rand(4, 3, 32, 32)
+    assert model(x).shape[0] == 4 and torch.isfinite(model(x)).all()
+    assert [a.name for a in model.attributes] == ["rotation", "width", "site"]
+
+
+def test_eval_command_on_saved_model(smoke_run: tuple[Path, float], tmp_path: Path) -> None:
+    out, _ = smoke_run
+    status = main(["eval", str(out / "model"), DEFAULT, "--output-dir", str(tmp_path),
+                   "--set", "eval.max_samples=200", "--set", "eval.tsne_samples=0"])
+    assert status == 0
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(data["methods"]) == ["raw", "leace", "dmm"]
+    assert (tmp_path / "report.md").is_file() and not (tmp_path / "tsne.png").exists()
+
+
+@pytest.mark.parametrize("yaml_text, key", [
+    ("fit:\n  lrr: 0.1\n", "fit.lrr"),
+    ("fit:\n  epochs: ten\n", "fit.epochs"),
+    ("data:\n  kind: mnist\n", "data.kind"),
+])
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture, yaml_text: str,
+                                           key: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    assert main(["fit", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dmm-wrap: error: ") and key in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_override_and_missing_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["fit", DEFAULT, "--set", "fit.lam=2", "--output-dir", str(tmp_path)]) == 2
+    assert "fit.lam" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "no_model"), DEFAULT, "--output-dir", str(tmp_path)]) == 2
+    assert "no_model" in capsys.readouterr().err
+
+
+def test_options_map_to_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake_run(args: argparse.Namespace) -> int:
+        from dmm_wrap.cli import _overrides
+
+        seen["cfg"] = load_run_config(args.config, _overrides(args))
+        return 0
+
+    parser = build_parser([Command("fit", "", COMMANDS[0].add_arguments, fake_run)])
+    args = parser.parse_args(["fit", DEFAULT, "--output-dir", "o", "--max-steps", "3", "--device", "cpu",
+                              "--set", "fit.lr=0.002", "--set", "eval.leace=false"])
+    assert args.run(args) == 0
+    cfg = seen["cfg"]
+    assert (cfg.output_dir, cfg.fit.max_steps, cfg.fit.device) == ("o", 3, "cpu")
+    assert cfg.fit.lr == 0.002 and cfg.eval.leace is False
+
+
+def test_subcommand_table_is_extensible() -> None:
+    extra = Command("inspect", "describe a model", lambda p: p.add_argument("model_dir"), lambda args: 7)
+    parser = build_parser([*COMMANDS, extra])
+    args = parser.parse_args(["inspect", "somewhere"])
+    assert args.run(args) == 7 and args.model_dir == "somewhere"
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_seeded_runs_are_reproducible(tmp_path: Path) -> None:
+    fast = ["--max-steps", "3", "--set", "fit.stats_batches=2", "--set", "fit.progress=false",
+            "--set", "eval.max_samples=64", "--set", "eval.tsne_samples=0", "--set", "eval.leace=false"]
+    for name in ("a", "b"):
+        assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / name), *fast]) == 0
+    a, b = (json.loads((tmp_path / n / "history.json").read_text()) for n in ("a", "b"))
+    assert a["loss"] == b["loss"], (a["loss"], b["loss"])
+    assert a["club"] == b["club"], (a["club"], b["club"])
+    wa, wb = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
