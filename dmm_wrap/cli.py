@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .backbones import create_backbone
 from .config import Attribute
 from .evaluate import Metrics, check_targets, compare_methods, extract_features
+from .inference import Preprocessing
 from .model import DebiasedEncoder
 from .report import format_table, format_targets, plot_tsne, plot_training_curves, write_report
 from .run_config import OPTION_KEYS, ConfigError, RunConfig, load_run_config, parse_override, write_run_config
@@ -54,12 +55,15 @@ class RunData(NamedTuple):
 
 
 # --------------------------------------------------------------------------- building blocks
-def image_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Resize to size x size, scale to [0, 1], normalise per channel."""
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                               transforms.Normalize(list(mean), list(std))])
+def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
+    """How images of an image_csv / camelyon17 run become tensors; saved with the model so that `model.preprocess`
+    and `model.embed` see what training saw. Synthetic digits are generated as tensors: None."""
+    d = cfg.data
+    if d.kind == "synthetic_digits":
+        return None
+    size = cfg.input_size()
+    return Preprocessing(input_size=(3, size, size), mean=tuple(d.mean), std=tuple(d.std), interpolation="bilinear",
+                         crop_pct=1.0, crop_mode="squash")
 
 
 def build_data(cfg: RunConfig) -> RunData:
@@ -76,7 +80,7 @@ def build_data(cfg: RunConfig) -> RunData:
     elif d.kind == "image_csv":
         from .data import ImageCSVDataset
 
-        transform = image_transform(size, d.mean, d.std)
+        transform = run_preprocessing(cfg).transform()
         options = dict(path_column=d.path_column, label_column=d.label_column, transform=transform)
         train = ImageCSVDataset(d.root, d.csv, d.attributes, **options)
         test = ImageCSVDataset(d.root, d.test_csv, d.attributes, **options)
@@ -85,7 +89,7 @@ def build_data(cfg: RunConfig) -> RunData:
     else:
         from .data import camelyon17
 
-        transform = image_transform(size, d.mean, d.std)
+        transform = run_preprocessing(cfg).transform()
         train = camelyon17(d.root, split=d.train_split, transform=transform)
         test = camelyon17(d.root, split=d.test_split, transform=transform)
         attributes = train.attributes
@@ -111,8 +115,9 @@ def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEnco
         backbone = create_backbone(m.backbone, pretrained=m.pretrained)
         layer = m.layer
     size = cfg.input_size()
+    preprocessing = run_preprocessing(cfg) if cfg.data.kind != "synthetic_digits" else "auto"
     return DebiasedEncoder(backbone, layer, attributes, pool=m.pool, input_size=(3, size, size),
-                           **dataclasses.asdict(m.head))
+                           preprocessing=preprocessing, **dataclasses.asdict(m.head))
 
 
 def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Path, start: float,

@@ -256,6 +256,10 @@ def _classifier_accuracy(model: Any, x_train: np.ndarray, y_train: np.ndarray, x
     classes = np.unique(y_train)
     if len(classes) < 2:  # nothing to learn: the probe can only predict the one class it saw
         return float(np.mean(y_test == classes[0]))
+    counts = np.unique(y_train, return_counts=True)[1]
+    key = "mlpclassifier__early_stopping"
+    if key in model.get_params() and (counts.min() < 2 or 0.1 * len(y_train) < len(classes)):
+        model.set_params(**{key: False})  # its stratified validation split needs >= 2 samples of every class
     model.fit(x_train, y_train)
     return float(np.mean(model.predict(x_test) == y_test))
 

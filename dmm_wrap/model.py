@@ -24,12 +24,12 @@ from .inference import (InferenceModule, Preprocessing, as_preprocessing, defaul
                         truncate_backbone)
 from .objective import DeepMinMax
 from .serialization import (CONFIG_NAME, FORMAT_VERSION, METRICS_NAME, MODEL_TYPE, README_NAME, WEIGHTS_NAME,
-                            check_keys, load_weights, plain_metrics, read_config, require_keys, save_weights,
-                            write_atomically, write_config, write_metrics)
+                            check_keys, check_weights_match_config, file_sha256, load_weights, plain_metrics,
+                            read_config, require_keys, save_weights, write_atomically, write_config, write_metrics)
 from .trainer import FitHistory, train
 
 _HEADS_PREFIX = "heads."
-_CONFIG_KEYS = ("model_type", "format_version", "dmm_wrap_version", "backbone", "layer", "pool", "input_size",
+_CONFIG_KEYS = ("model_type", "format_version", "dmm_wrap_version", "weights_sha256", "backbone", "layer", "pool", "input_size",
                 "feature_dim", "out_dim", "attributes", "head", "weights", "preprocessing")
 _REQUIRED_KEYS = ("backbone", "layer", "feature_dim", "attributes")
 
@@ -345,7 +345,7 @@ class DebiasedEncoder(nn.Module):
                 write_metrics(new_metrics, tmp / METRICS_NAME)
             save_weights(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "weights": config["weights"]})
             (tmp / README_NAME).write_text(card)
-            write_config(config, tmp / CONFIG_NAME)
+            write_config({**config, "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)}, tmp / CONFIG_NAME)
 
         return write_atomically(save_directory, writer)
 
@@ -429,6 +429,7 @@ class DebiasedEncoder(nn.Module):
         if heads_only:
             expected = {k: v for k, v in expected.items() if k.startswith(_HEADS_PREFIX)}
         check_keys(expected, state, weights_path)
+        check_weights_match_config(config, weights_path)  # after the key checks, whose messages say more
         model.load_state_dict(state, strict=not heads_only)
         return model.to(map_location).eval()
 

@@ -3,6 +3,7 @@ never unpickled."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,9 @@ FORMAT_VERSION = 1
 def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     """Let `writer` fill a temporary folder beside `directory`, then move each file into place with os.replace.
 
-    A crash mid-save leaves the previous files intact: each file is swapped in whole, config.json last.
+    Each file is swapped in whole, config.json last, so a crash never leaves a half-written file. config.json
+    records the sha256 of the weights written with it, so a crash between two swaps (new weights beside the old
+    config) is refused on load rather than loaded silently.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,26 @@ def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights_match_config(config: dict[str, Any], weights_path: Path) -> None:
+    """config.json records the sha256 of the weights saved with it: a mismatched pair (a save interrupted between
+    its file swaps, or files copied from two saves) is refused instead of loaded silently."""
+    expected = config.get("weights_sha256")
+    if expected is not None and file_sha256(weights_path) != expected:
+        raise ValueError(
+            f"{weights_path} does not belong to the config.json beside it (sha256 differs from its weights_sha256): "
+            "the save was interrupted or the files come from different saves. Save the model again."
+        )
 
 
 def save_weights(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -153,6 +176,6 @@ def check_keys(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path
         raise ValueError(f"{path} has tensors of the wrong shape: {wrong[:10]}. Was it saved from another backbone?")
 
 
-__all__ = ["write_atomically", "save_weights", "load_weights", "read_config", "write_config", "check_keys",
+__all__ = ["write_atomically", "file_sha256", "check_weights_match_config", "save_weights", "load_weights", "read_config", "write_config", "check_keys",
            "write_metrics", "read_metrics", "plain_metrics", "require_keys", "CONFIG_NAME", "WEIGHTS_NAME",
            "README_NAME", "METRICS_NAME", "PICKLE_NAMES", "MODEL_TYPE", "FORMAT_VERSION"]

@@ -137,3 +137,27 @@ def test_seeded_runs_are_reproducible(tmp_path: Path) -> None:
     assert a["club"] == b["club"], (a["club"], b["club"])
     wa, wb = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("a", "b"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_image_csv_model_records_the_preprocessing_it_was_trained_with(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from dmm_wrap.cli import build_data, build_model, run_preprocessing
+    from dmm_wrap.run_config import load_run_config
+
+    rows = ["path,site"]
+    for i in range(4):
+        Image.fromarray((np.random.default_rng(i).random((20, 12, 3)) * 255).astype("uint8")).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{i % 2}")
+    (tmp_path / "a.csv").write_text("\n".join(rows) + "\n")
+    yaml_text = (f"data: {{kind: image_csv, root: {tmp_path}, csv: {tmp_path / 'a.csv'}, test_csv: {tmp_path / 'a.csv'},"
+                 f" attributes: [{{name: site, kind: categorical, num_classes: 2}}], image_size: 16}}\n"
+                 "model: {backbone: 'torchvision:resnet18', layer: layer1}\n")
+    (tmp_path / "run.yaml").write_text(yaml_text)
+    cfg = load_run_config(tmp_path / "run.yaml", [])
+    data = build_data(cfg)
+    model = build_model(cfg, data.attributes)
+    assert model.preprocessing == run_preprocessing(cfg)
+    image, _, _ = data.train.dataset[1]
+    assert torch.equal(model.preprocess(Image.open(tmp_path / "1.png").convert("RGB")), image)

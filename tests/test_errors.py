@@ -116,3 +116,18 @@ def test_load_errors(tmp_path) -> None:
                                                                                nn.Linear(32, 32, bias=False)))
     with pytest.raises(FileNotFoundError):
         DebiasedEncoder.from_pretrained(tmp_path / "nowhere")
+
+
+def test_weights_from_another_save_are_refused(tmp_path) -> None:
+    import shutil
+
+    enc = _enc()
+    enc.save_pretrained(tmp_path / "a")
+    x, _, s = make_site_problem(256, 0)
+    enc.fit(loader_of(x, s.float()[:, None]), epochs=1, progress=False)
+    enc.save_pretrained(tmp_path / "b")
+    backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32))
+    DebiasedEncoder.from_pretrained(tmp_path / "b", backbone=backbone)  # control: a matching pair loads
+    shutil.copy(tmp_path / "b/model.safetensors", tmp_path / "a/model.safetensors")  # same shapes, other save
+    with pytest.raises(ValueError, match="does not belong to the config.json"):
+        DebiasedEncoder.from_pretrained(tmp_path / "a", backbone=backbone)

@@ -147,3 +147,13 @@ def test_report_says_met_and_not_met() -> None:
     assert "![tsne](tsne.png)" in text
     table = format_table(metrics)
     assert "site acc MLP" in table and "tilt R² linear" in table and "DeepMinMax" in table
+
+
+def test_probe_survives_a_class_seen_once() -> None:
+    from dmm_wrap.evaluate import attribute_leakage
+
+    rng = np.random.default_rng(0)
+    b = np.r_[np.zeros(60), np.ones(59), 2.0]  # class 2 has a single training sample
+    x = rng.normal(size=(120, 4)) + b[:, None]
+    leak = attribute_leakage(x, b, x, b, Attribute("site", "categorical", 3), FAST)
+    assert leak.metric == "accuracy" and leak.mlp > 0.6 and leak.linear > 0.6
