@@ -39,7 +39,10 @@ def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None
         directory.mkdir(parents=True, exist_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == CONFIG_NAME)
+        umask = os.umask(0)
+        os.umask(umask)
         for name in names:
+            os.chmod(tmp / name, 0o666 & ~umask)  # temp files may be created 0600; give saves the usual mode
             os.replace(tmp / name, directory / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
