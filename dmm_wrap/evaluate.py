@@ -193,7 +193,7 @@ def extract_features(model: DebiasedEncoder, loader: Iterable, max_samples: int 
     Example:
         >>> test = extract_features(encoder, test_loader, max_samples=2000)
     """
-    device = next(model.backbone.parameters(), torch.empty(0)).device
+    device = model.device
     raw, debiased, attrs, labels = [], [], [], []
     count = 0
     was_training = model.training

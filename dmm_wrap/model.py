@@ -119,6 +119,12 @@ class DebiasedEncoder(nn.Module):
         self._preprocessing = as_preprocessing(value)
         self._transform = None
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's first parameter or buffer (CPU for a model that has none)."""
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     def _infer_feature_dim(self, example: Tensor) -> int:
         param = next(self.backbone.parameters(), None)
         if param is not None:
@@ -127,10 +133,8 @@ class DebiasedEncoder(nn.Module):
             return int(self.extractor(example).shape[1])
 
     def _build_heads(self, feature_dim: int) -> None:
-        param = next(self.backbone.parameters(), None)
-        self.heads = DeepMinMax(feature_dim, self.attributes, self.head_config)
-        if param is not None:
-            self.heads.to(param.device)
+        device = self.device
+        self.heads = DeepMinMax(feature_dim, self.attributes, self.head_config).to(device)
 
     def train(self, mode: bool = True) -> DebiasedEncoder:
         super().train(mode)
@@ -190,7 +194,7 @@ class DebiasedEncoder(nn.Module):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
         heads = self._require_heads()
         if device is None:
-            device = next(itertools.chain(self.backbone.parameters(), heads.parameters())).device
+            device = self.device
         if isinstance(images, Tensor):
             batches: Iterable[Tensor] = images.split(batch_size)
         else:
@@ -264,7 +268,7 @@ class DebiasedEncoder(nn.Module):
         cfg = build_dataclass(FitConfig, base, "fit")
         if cfg.device is not None:
             self.to(cfg.device)
-        device = next(self.backbone.parameters(), torch.empty(0)).device
+        device = torch.device(cfg.device) if cfg.device is not None else self.device
         if self.heads is not None:
             self.heads.to(device)
         snapshot = copy.deepcopy(self.heads.state_dict()) if self.heads is not None else None

@@ -27,11 +27,9 @@ import yaml
 
 from .config import Attribute, FitConfig, HeadConfig, Pooling
 from .evaluate import EvalConfig
+from .inference import IMAGENET_MEAN, IMAGENET_STD
 
 DataKind = Literal["synthetic_digits", "image_csv", "camelyon17"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 OPTION_KEYS: dict[str, str] = {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device"}
 """The config key each dedicated CLI option sets (`--output-dir DIR` is `--set output_dir=DIR`)."""
