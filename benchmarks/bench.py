@@ -30,9 +30,11 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -92,11 +94,11 @@ class Setup:
     def stream(self, batches: int) -> RandomBatches:
         return RandomBatches(batches, self.args.batch_size, self.args.image_size)
 
-    def fit(self, model: DebiasedEncoder, stream: RandomBatches) -> tuple[float, float]:
+    def fit(self, model: DebiasedEncoder, stream: RandomBatches, **options: Any) -> tuple[float, float]:
         """(training-pass seconds, whole fit call seconds) of one fit over `stream`, stats_batches=1."""
         self.sync()
         t0 = time.perf_counter()
-        model.fit(stream, epochs=1, progress=False, stats_batches=1, device=str(self.device))
+        model.fit(stream, epochs=1, progress=False, stats_batches=1, device=str(self.device), **options)
         self.sync()
         t1 = time.perf_counter()
         return t1 - stream.pass_starts[-1], t1 - t0
@@ -124,26 +126,32 @@ def measure_times(setup: Setup) -> dict[str, list[float]]:
     early_trunk, _ = truncate_backbone(backbone, args.early_layer, fit_model.backbone_spec)
     early_trunk.eval()
     stream = setup.stream(args.batches)
+    checkpoints = tempfile.mkdtemp(prefix="dmm_wrap-bench-")
     runs: dict[str, Callable[[], float | tuple[float, float]]] = {
         "backbone_full": lambda: setup.forward(backbone, stream, torch.no_grad),
         "fit": lambda: setup.fit(fit_model, stream),
+        "fit_checkpoint_every_step": lambda: setup.fit(fit_model, stream, checkpoint_every=1,
+                                                       checkpoint_dir=tempfile.mkdtemp(dir=checkpoints)),
         "fit_early": lambda: setup.fit(early_model, stream),
         "trunk": lambda: setup.forward(trunk, stream, torch.inference_mode),
         "trunk_early": lambda: setup.forward(early_trunk, stream, torch.no_grad),
         "encoder_forward": lambda: setup.forward(fit_model, stream, torch.inference_mode),
         "inference_module": lambda: setup.forward(module, stream, torch.inference_mode),
     }
-    for run in runs.values():  # warm-up: allocator, oneDNN primitive caches, lazy CUDA init
-        run()
     times: dict[str, list[float]] = {}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            out = run()
-            if isinstance(out, tuple):
-                times.setdefault(name, []).append(out[0])
-                times.setdefault(name + "_call", []).append(out[1])
-            else:
-                times.setdefault(name, []).append(out)
+    try:
+        for run in runs.values():  # warm-up: allocator, oneDNN primitive caches, lazy CUDA init
+            run()
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                out = run()
+                if isinstance(out, tuple):
+                    times.setdefault(name, []).append(out[0])
+                    times.setdefault(name + "_call", []).append(out[1])
+                else:
+                    times.setdefault(name, []).append(out)
+    finally:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return times
 
 
@@ -280,6 +288,8 @@ def ratio_rows(times: dict[str, list[float]], mem: dict[int, dict[str, float]], 
          med["fit_early"], med["trunk_early"]),
         ("fit_call_overhead", f"whole fit call @{args.layer} (incl. 1 stats batch) / {n + 1} backbone forwards",
          med["fit_call"], med["backbone_full"] * (n + 1) / n),
+        ("checkpoint_every_step", f"fit @{args.layer} writing a checkpoint after every step / fit without",
+         med["fit_checkpoint_every_step"], med["fit"]),
     ]
     out = []
     for key, what, num, den in rows:

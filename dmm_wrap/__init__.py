@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
+from . import distributed  # noqa: E402
 from .backbones import BackboneSpec, create_backbone  # noqa: E402
+from .checkpoint import TrainingInterrupted  # noqa: E402
 from .config import Attribute, FitConfig, HeadConfig  # noqa: E402
 from .data import SYNTHETIC_ATTRIBUTES, ImageCSVDataset, SyntheticDigits, camelyon17  # noqa: E402
 from .hub import push_folder_to_hub  # noqa: E402
@@ -12,5 +14,5 @@ from .pretrained import load_digits_encoder  # noqa: E402
 from .trainer import FitHistory  # noqa: E402
 
 __all__ = ["Attribute", "BackboneSpec", "DebiasedEncoder", "FitConfig", "FitHistory", "HeadConfig", "ImageCSVDataset",
-           "Preprocessing", "SYNTHETIC_ATTRIBUTES", "SyntheticDigits", "__version__", "camelyon17", "create_backbone",
-           "load_digits_encoder", "push_folder_to_hub"]
+           "Preprocessing", "SYNTHETIC_ATTRIBUTES", "SyntheticDigits", "TrainingInterrupted", "__version__",
+           "camelyon17", "create_backbone", "distributed", "load_digits_encoder", "push_folder_to_hub"]

@@ -1,13 +1,15 @@
 """`dmm-wrap`: fit and evaluate DeepMinMax from a YAML run file.
 
-    dmm-wrap fit CONFIG [--output-dir DIR] [--max-steps N] [--device D] [--set KEY=VALUE ...]
+    dmm-wrap fit CONFIG [--output-dir DIR] [--max-steps N] [--resume] [--device D] [--set KEY=VALUE ...]
+    torchrun --nproc-per-node N -m dmm_wrap fit CONFIG ...      (data-parallel; the same with --no-python dmm-wrap)
     dmm-wrap eval MODEL_DIR CONFIG [--output-dir DIR] [--device D] [--set KEY=VALUE ...]
     dmm-wrap push OUTPUT_DIR REPO_ID [--private] [--token T] [--revision BRANCH] [--create-pr]
 
 Every option is a config key (`--max-steps 5` is `--set fit.max_steps=5`; see `run_config.OPTION_KEYS`). A run
 writes, under output_dir: metrics.json, report.md, tsne.png, training_curves.png, history.json, config.yaml (the
-resolved config) and model/ (save_pretrained). Errors print one line to stderr and exit with status 2
-(set DMM_WRAP_TRACEBACK=1 to see the traceback instead).
+resolved config), model/ (save_pretrained) and checkpoints/ (SIGINT / SIGTERM write one and stop with status
+128 + signal; `--resume` continues). Under torchrun only rank 0 writes, evaluates and prints. Errors print one line to
+stderr and exit with status 2 (set DMM_WRAP_TRACEBACK=1 to see the traceback instead).
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.distributed import DistributedSampler
 
+from . import distributed
 from .backbones import create_backbone
+from .checkpoint import TrainingInterrupted
 from .config import Attribute
 from .evaluate import Metrics, check_targets, compare_methods, extract_features
 from .inference import Preprocessing
@@ -66,8 +71,12 @@ def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
                          crop_pct=1.0, crop_mode="squash")
 
 
-def build_data(cfg: RunConfig) -> RunData:
-    """Datasets and loaders described by `cfg.data` (imported lazily: only the chosen kind is loaded)."""
+def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> RunData:
+    """Datasets and loaders described by `cfg.data` (imported lazily: only the chosen kind is loaded).
+
+    With `world_size` > 1 the training loader reads this rank's shard (SyntheticDigits.shard, or a
+    DistributedSampler seeded with data.seed); the evaluation loaders are never sharded.
+    """
     d = cfg.data
     size = cfg.input_size()
     if d.kind == "synthetic_digits":
@@ -95,12 +104,23 @@ def build_data(cfg: RunConfig) -> RunData:
         attributes = train.attributes
         label_name = "tumor"
 
+    # Page-locked batches let the host-to-GPU copies (non_blocking in the trainer) overlap with compute.
+    pin = (cfg.fit.device or "").startswith("cuda") and torch.cuda.is_available()
+
     def loader(ds: Any, shuffle: bool) -> DataLoader:
         shuffle = shuffle and not isinstance(ds, IterableDataset)
-        return DataLoader(ds, batch_size=d.batch_size, shuffle=shuffle, num_workers=d.num_workers,
+        return DataLoader(ds, batch_size=d.batch_size, shuffle=shuffle, num_workers=d.num_workers, pin_memory=pin,
                           generator=torch.Generator().manual_seed(d.seed) if shuffle else None)
 
-    return RunData(attributes, loader(train, True), loader(train, False), loader(test, False), label_name)
+    def sharded(ds: Any) -> DataLoader:
+        if world_size == 1:
+            return loader(ds, True)
+        if isinstance(ds, IterableDataset):
+            return loader(ds.shard(world_size, rank), False)
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=d.seed)
+        return DataLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, pin_memory=pin)
+
+    return RunData(attributes, sharded(train), loader(train, False), loader(test, False), label_name)
 
 
 def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEncoder:
@@ -178,19 +198,28 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    """Train, then (on rank 0 only) save, evaluate and report. Under torchrun every rank trains on its shard."""
     start = time.perf_counter()
     cfg = load_run_config(args.config, _overrides(args))
     out = Path(cfg.output_dir)
-    with cpu_threads(cfg.num_threads):
-        data = build_data(cfg)
-        if cfg.seed is not None:
-            torch.manual_seed(cfg.seed)
-        model = build_model(cfg, data.attributes)
-        history = model.fit(data.train, config=cfg.fit)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out / "model")
-        (out / "history.json").write_text(json.dumps(history.as_dict()) + "\n")
-        evaluate_run(cfg, model, data, out, start, history)
+    device = distributed.init_from_env(cfg.fit.device)
+    main_process = distributed.is_main_process()
+    fit_cfg = dataclasses.replace(cfg.fit, device=device, progress=cfg.fit.progress and main_process,
+                                  checkpoint_dir=cfg.fit.checkpoint_dir or str(out / "checkpoints"))
+    try:
+        with cpu_threads(cfg.num_threads):
+            data = build_data(cfg, distributed.rank(), distributed.world_size())
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
+            model = build_model(cfg, data.attributes)
+            history = model.fit(data.train, config=fit_cfg)
+            if main_process:
+                out.mkdir(parents=True, exist_ok=True)
+                model.save_pretrained(out / "model")
+                (out / "history.json").write_text(json.dumps(history.as_dict()) + "\n")
+                evaluate_run(cfg, model, data, out, start, history)
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -216,6 +245,8 @@ def _add_run_options(parser: argparse.ArgumentParser, max_steps: bool) -> None:
     parser.add_argument("--output-dir", metavar="DIR", help="folder of the outputs (config key output_dir)")
     if max_steps:
         parser.add_argument("--max-steps", type=int, metavar="N", help="stop training after N steps (fit.max_steps)")
+        parser.add_argument("--resume", action="store_true", default=None,
+                            help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints (fit.resume)")
     parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (fit.device)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set fit.lr=0.001 (repeatable)")
@@ -300,6 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"dmm-wrap: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    except TrainingInterrupted as stop:
+        if distributed.is_main_process():
+            where = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "the last checkpoint"
+            print(f"dmm-wrap: interrupted at step {stop.step}; {where} holds the run. Continue it with the same "
+                  "command and --resume.", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("dmm-wrap: interrupted", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
@@ -167,8 +168,22 @@ class FitConfig:
     log_every: int = 1
     """Record the loss terms in the history every this many steps."""
 
+    checkpoint_dir: str | None = None
+    """Folder for training checkpoints (written by rank 0; shared by all nodes in multi-node runs); None disables
+    checkpointing. The CLI uses OUTPUT_DIR/checkpoints."""
+
+    checkpoint_every: int = 500
+    """Write a checkpoint every this many steps (and at the end, and on SIGINT / SIGTERM): a killed run loses at
+    most this many steps."""
+
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (newest first); more than one lets a damaged newest file fall back to the previous."""
+
+    resume: bool = False
+    """Continue from the newest intact checkpoint in `checkpoint_dir` (from scratch, with a warning, if none)."""
+
     def __post_init__(self) -> None:
-        for key in ("epochs", "estimator_steps", "log_every"):
+        for key in ("epochs", "estimator_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"FitConfig.{key} must be an int >= 1, got {v!r}.")
@@ -176,6 +191,12 @@ class FitConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"FitConfig.{key} must be None or an int >= 1, got {v!r}.")
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ValueError(f"FitConfig.checkpoint_dir must be None or a folder path, got {self.checkpoint_dir!r}.")
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"FitConfig.resume must be True or False, got {self.resume!r}.")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"FitConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}.")
         if not 0.0 <= self.lam <= 1.0:

@@ -9,6 +9,7 @@ local copy of Camelyon17-WILDS. Nothing here downloads anything.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import functools
 import math
@@ -179,6 +180,7 @@ class SyntheticDigits(IterableDataset):
         self.num_sites = num_sites
         self.seed = seed
         self.source_indices = source_indices(split)
+        self._shard = (1, 0)
 
     @property
     def attributes(self) -> tuple[Attribute, ...]:
@@ -186,16 +188,40 @@ class SyntheticDigits(IterableDataset):
         return tuple(Attribute(a.name, a.kind, self.num_sites) if a.name == "site" else a
                      for a in SYNTHETIC_ATTRIBUTES)
 
+    def shard(self, num_shards: int, index: int) -> SyntheticDigits:
+        """One of `num_shards` interleaved parts of the samples (index, index + num_shards, ...): what rank `index`
+        of a data-parallel run reads. Every shard has num_samples // num_shards samples (the remainder is dropped),
+        so all ranks take the same number of steps. Without loader workers, the ranks' batches k together hold the
+        samples of batch k of one process with num_shards times the batch size (with workers, each worker batches
+        its own chunks, so the grouping differs, in one process as in several).
+
+        Example:
+            >>> ds = SyntheticDigits("train", 8192).shard(dist.get_world_size(), dist.get_rank())
+        """
+        for name, v in (("num_shards", num_shards), ("index", index)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an int, got {v!r}.")
+        if not 0 <= index < num_shards <= self.num_samples:
+            raise ValueError(f"Need 0 <= index < num_shards <= num_samples ({self.num_samples}), got index={index}, "
+                             f"num_shards={num_shards}.")
+        part = copy.copy(self)
+        part._shard = (num_shards, index)
+        return part
+
+    def _indices(self) -> range:
+        num_shards, index = self._shard
+        return range(index, self.num_samples // num_shards * num_shards, num_shards)
+
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self._indices())
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        indices = self._indices()
         # Whole chunks go to workers, so every chunk is computed with the same batch composition everywhere.
-        for chunk in range(worker, math.ceil(self.num_samples / _CHUNK), num_workers):
-            start = chunk * _CHUNK
-            batch = self.generate(range(start, min(start + _CHUNK, self.num_samples)))
+        for chunk in range(worker, math.ceil(len(indices) / _CHUNK), num_workers):
+            batch = self.generate(indices[chunk * _CHUNK:(chunk + 1) * _CHUNK])
             yield from zip(batch.images, batch.attrs, batch.labels)
 
     def generate(self, indices: Sequence[int] | None = None) -> DigitsBatch:

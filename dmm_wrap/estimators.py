@@ -43,6 +43,8 @@ class CategoricalCLUB(nn.Module):
     def __init__(self, in_dim: int, hidden: int, num_classes: int, floor: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.pair_width = num_classes
+        """Length of `pair_sums`."""
         self.floor = floor
         self.net = mlp(in_dim, hidden, num_classes, 2, nn.SiLU)
 
@@ -58,11 +60,21 @@ class CategoricalCLUB(nn.Module):
         """Negative log-likelihood of q on (z, b): the loss that fits q."""
         return F.nll_loss(self.log_probs(z), b.long())
 
-    def club_terms(self, z: Tensor, b: Tensor) -> Tensor:
-        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i); their mean is the CLUB estimate."""
+    def pair_sums(self, b: Tensor) -> Tensor:
+        """What the pairwise term needs of the batch's attribute values: the count of each class [K]."""
+        return torch.bincount(b.long(), minlength=self.num_classes).float()
+
+    def club_terms(self, z: Tensor, b: Tensor, sums: Tensor | None = None, n: Tensor | int | None = None) -> Tensor:
+        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i); their mean is the CLUB estimate.
+
+        `sums` / `n` are `pair_sums` and the sample count of the batch the negatives j are drawn from; by default this
+        batch. Data-parallel training passes the totals over all ranks, so that j runs over the global batch.
+        """
         logp = self.log_probs(z)
         b = b.long()
-        freq = torch.bincount(b, minlength=self.num_classes).to(logp.dtype) / b.numel()
+        if sums is None:
+            sums, n = self.pair_sums(b), b.numel()
+        freq = sums.to(logp.dtype) / n
         return logp.gather(1, b[:, None]).squeeze(1) - (logp * freq).sum(1)
 
     def club(self, z: Tensor, b: Tensor) -> Tensor:
@@ -81,6 +93,8 @@ class GaussianCLUB(nn.Module):
         self.mu = mlp(in_dim, hidden, 1, 2, nn.SiLU)
         self.logvar = mlp(in_dim, hidden, 1, 2, nn.SiLU)
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
+        self.pair_width = 2
+        """Length of `pair_sums`."""
 
     def params(self, z: Tensor) -> tuple[Tensor, Tensor]:
         mu = self.mu(z).squeeze(-1)
@@ -91,10 +105,19 @@ class GaussianCLUB(nn.Module):
         mu, logvar = self.params(z)
         return 0.5 * ((b - mu) ** 2 / logvar.exp() + logvar + _LOG_2PI).mean()
 
-    def club_terms(self, z: Tensor, b: Tensor) -> Tensor:
-        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i)."""
+    def pair_sums(self, b: Tensor) -> Tensor:
+        """What the pairwise term needs of the batch's attribute values: [sum b, sum b^2]."""
+        return torch.stack([b.sum(), (b * b).sum()]).float()
+
+    def club_terms(self, z: Tensor, b: Tensor, sums: Tensor | None = None, n: Tensor | int | None = None) -> Tensor:
+        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i); `sums` / `n` as for the categorical
+        estimator (default: this batch)."""
         mu, logvar = self.params(z)
-        pair_sq = (mu - b.mean()) ** 2 + b.var(unbiased=False)
+        if sums is None:
+            sums, n = self.pair_sums(b), b.numel()
+        mean = sums[0] / n
+        var = (sums[1] / n - mean * mean).clamp_min(0)
+        pair_sq = (mu - mean) ** 2 + var
         return 0.5 * (pair_sq - (b - mu) ** 2) * torch.exp(-logvar)
 
     def club(self, z: Tensor, b: Tensor) -> Tensor:

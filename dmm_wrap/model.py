@@ -256,10 +256,16 @@ class DebiasedEncoder(nn.Module):
             loader: an iterable of batches (inputs [N, ...], attrs [N, num_attributes] float with class ids in
                 categorical columns) or (inputs, {name: tensor}). Re-iterated once per epoch.
             epochs: passes over the loader; overrides `config.epochs`.
-            config: a FitConfig; **options override its fields (lr, lam, max_steps, device, amp_dtype, ...).
+            config: a FitConfig; **options override its fields (lr, lam, max_steps, device, amp_dtype,
+                checkpoint_dir, checkpoint_every, resume, ...).
+
+        Inside an initialised torch.distributed process group, call it on every rank with a loader of that rank's
+        shard (e.g. a DistributedSampler): the heads train data-parallel (see `trainer.train`).
 
         Returns:
-            The FitHistory of the loss terms. If fit raises, the heads are restored to their state before the call.
+            The FitHistory of the loss terms. If fit raises, the heads are restored to their state before the call
+            (a run stopped by SIGINT / SIGTERM with checkpoint_dir set raises TrainingInterrupted after writing a
+            checkpoint that `resume=True` continues from).
         """
         base = dataclasses.asdict(config) if config is not None else {}
         base.update(options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -88,11 +89,36 @@ class DeepMinMax(nn.Module):
         m_nll = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
         return EstimatorLosses(q_nll, m_nll)  # type: ignore[arg-type]
 
-    def theta_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, lam: float, reduction: str) -> ThetaLosses:
-        club = {name: q.club(z_tilde, b[:, k]) for k, (name, q) in enumerate(self.q.items())}
+    def pair_sums(self, b: Tensor) -> Tensor:
+        """[n, then each attribute's pair sums]: all that CLUB's pairwise (negative) term needs of a batch's B.
+
+        Data-parallel training sums this vector over ranks (a few floats) so that the negatives of every rank are
+        drawn from the global batch, exactly as in one process with the global batch."""
+        parts = [torch.tensor([float(b.shape[0])], device=b.device)]
+        parts += [q.pair_sums(b[:, k]) for k, q in enumerate(self.q.values())]
+        return torch.cat(parts)
+
+    def theta_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, lam: float, reduction: str,
+                     sums: Tensor | None = None, mean_over_ranks: Callable[[Tensor], Tensor] | None = None
+                     ) -> ThetaLosses:
+        """Losses of h_theta on a batch.
+
+        Args:
+            sums: `pair_sums` of the batch the CLUB negatives come from (default: this batch).
+            mean_over_ranks: maps this rank's value of the (detached) CLUB sum to its mean over ranks; the clamp
+                at 0 is then decided on the global value, as one process with the global batch would.
+        """
+        if sums is None:
+            sums = self.pair_sums(b)
+        n, offset, club = sums[0], 1, {}
+        for k, (name, q) in enumerate(self.q.items()):
+            club[name] = q.club_terms(z_tilde, b[:, k], sums[offset:offset + q.pair_width], n).mean()
+            offset += q.pair_width
         # The true MI is >= 0: a negative batch estimate only says q lags behind h_theta, and pushing it further
         # down rewards making q predict the wrong class, which leaves B just as decodable.
-        debias = torch.stack(list(club.values())).sum().clamp_min(0)
+        debias = torch.stack(list(club.values())).sum()
+        overall = debias.detach() if mean_over_ranks is None else mean_over_ranks(debias.detach())
+        debias = debias * (overall > 0)
         retain = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
         return ThetaLosses(lam * debias + (1 - lam) * retain, debias, retain, club)
 

@@ -31,7 +31,8 @@ from .inference import IMAGENET_MEAN, IMAGENET_STD
 
 DataKind = Literal["synthetic_digits", "image_csv", "camelyon17"]
 
-OPTION_KEYS: dict[str, str] = {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device"}
+OPTION_KEYS: dict[str, str] = {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device",
+                               "resume": "fit.resume"}
 """The config key each dedicated CLI option sets (`--output-dir DIR` is `--set output_dir=DIR`)."""
 
 

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
+import signal
+import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .checkpoint import (Checkpoint, Checkpointer, Position, TrainingInterrupted, capture_rng, check_fingerprint,
+                         load_optimizer_state, restore_rng)
 from .config import Attribute, FitConfig
+from .distributed import (all_gather_object, all_gather_tensor, all_reduce_sum, barrier, broadcast_object,
+                          check_sharded, is_distributed, is_main_process, rank, world_size)
 from .objective import DeepMinMax
 
 
@@ -38,6 +48,10 @@ class FitHistory:
     def as_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loss": self.loss, "debias": self.debias, "retain": self.retain,
                 "q_nll": self.q_nll, "club": self.club, "steps_done": self.steps_done}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitHistory:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 def split_batch(batch: Any, batch_idx: int) -> tuple[Any, Any]:
@@ -105,15 +119,31 @@ class RunningMoments:
 
     def update(self, x: Tensor) -> RunningMoments:
         x = x.detach().to("cpu", torch.float64)
-        nb = x.shape[0]
         mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
+        return self.merge(x.shape[0], mb, ((x - mb) ** 2).sum(0))
+
+    def merge(self, nb: int, mb: Tensor, m2b: Tensor) -> RunningMoments:
+        """Fold in the moments (count, mean, sum of squared deviations) of another part of the data."""
+        if nb == 0:
+            return self
         delta = mb - self.mean
         total = self.n + nb
         self.mean = self.mean + delta * nb / total
         self.m2 = self.m2 + m2b + delta**2 * self.n * nb / total
         self.n = total
         return self
+
+    def merge_ranks(self) -> RunningMoments:
+        """The moments over the data of every rank (self unchanged outside a process group)."""
+        if not is_distributed():
+            return self
+        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.mean, self.m2])
+        dim = self.mean.numel()
+        merged = RunningMoments(dim)
+        for part in all_gather_tensor(packed.to(_collective_device())):
+            part = part.cpu()
+            merged.merge(int(part[0].item()), part[1:1 + dim], part[1 + dim:])
+        return merged
 
     @property
     def std(self) -> Tensor:
@@ -128,9 +158,12 @@ def autocast(device: torch.device, dtype: str | None) -> contextlib.AbstractCont
 
 
 def iterate_batches(loader: Iterable, attributes: tuple[Attribute, ...], extract: Callable[[Tensor], Tensor],
-                    device: torch.device, amp_dtype: str | None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (features, attrs) for each batch of one pass over `loader`, validated, on `device`."""
+                    device: torch.device, amp_dtype: str | None, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (features, attrs) for each batch of one pass over `loader`, validated, on `device`; the first `skip`
+    batches are drawn from the loader but not run through the backbone (to resume mid-epoch)."""
     for batch_idx, batch in enumerate(loader):
+        if batch_idx < skip:
+            continue
         inputs, attrs = split_batch(batch, batch_idx)
         n = len(inputs)
         b = attrs_tensor(attrs, attributes, n, batch_idx).to(device, non_blocking=True)
@@ -152,6 +185,7 @@ def estimate_statistics(objective: DeepMinMax, loader: Iterable, extract: Callab
     for z, b in itertools.islice(batches, cfg.stats_batches):
         zs.update(z)
         bs.update(b)
+    zs, bs = zs.merge_ranks(), bs.merge_ranks()  # data-parallel: statistics of the union of the ranks' shards
     if zs.n == 0:
         raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
     if zs.n < 2:
@@ -163,74 +197,350 @@ def estimate_statistics(objective: DeepMinMax, loader: Iterable, extract: Callab
     objective.attr_std.copy_(torch.where(continuous, bs.std.float(), torch.ones(())))
 
 
+class EstimatorLoss(nn.Module):
+    """CLUB's q networks and m_phi as one module whose forward is their fitting loss, so that data-parallel training
+    can wrap exactly these parameters in DistributedDataParallel (h_theta is wrapped on its own)."""
+
+    def __init__(self, objective: DeepMinMax) -> None:
+        super().__init__()
+        self.q = objective.q
+        self.m = objective.m
+        self._objective = [objective]  # not a submodule: the objective owns q and m
+
+    def forward(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, reduction: str) -> Tensor:
+        est = self._objective[0].estimator_losses(z_std, z_tilde, b, reduction)
+        return torch.stack([est.q_nll + est.m_nll, est.q_nll])
+
+
+class StopSignals:
+    """Within the block, SIGINT and SIGTERM ask training to stop at the next step boundary (after writing a
+    checkpoint) instead of killing it mid-write. A second SIGINT (Ctrl-C twice) stops at once; repeated SIGTERMs
+    (schedulers and torchrun both forward them) are ignored. Only the main thread can install handlers; elsewhere
+    the block does nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if is_main_process():
+            print(f"\ndmm_wrap: signal {signum} received; stopping after this step and writing a checkpoint "
+                  "(Ctrl-C again stops at once).", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class _IgnoreStopSignals:
+    """DataLoader worker_init_fn: workers ignore SIGINT / SIGTERM, which the main process handles (a scheduler's
+    SIGTERM reaches the whole process group; workers killed by it would fail the next batch fetch)."""
+
+    def __init__(self, then: Callable[[int], None] | None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+@contextlib.contextmanager
+def _workers_ignore_stop_signals(loader: Iterable, enabled: bool) -> Iterator[None]:
+    from torch.utils.data import DataLoader
+
+    if not enabled or not isinstance(loader, DataLoader) or loader.num_workers == 0:
+        yield
+        return
+    original = loader.worker_init_fn
+    loader.worker_init_fn = _IgnoreStopSignals(original)
+    try:
+        yield
+    finally:
+        loader.worker_init_fn = original
+
+
+def fingerprint(objective: DeepMinMax, loader: Iterable) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run resuming from it (the batches per epoch too: the
+    checkpoint's position counts batches)."""
+    try:
+        batches = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        batches = None
+    return {"feature_dim": objective.feature_dim, "out_dim": objective.out_dim,
+            "attributes": [a.to_dict() for a in objective.attributes], "head": dataclasses.asdict(objective.cfg),
+            "world_size": world_size(), "batches_per_epoch": batches}
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, the CPU under gloo."""
+    backend = torch.distributed.get_backend() if is_distributed() else "gloo"
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _mean_over_ranks(value: Tensor) -> Tensor:
+    return all_reduce_sum(value.clone()) / world_size()
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    """Let a DistributedSampler (or any sampler with set_epoch) reshuffle for this epoch."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
+
+
 def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], Tensor], cfg: FitConfig,
           device: torch.device) -> FitHistory:
-    """Train h_theta, CLUB's q networks and m_phi on a stream of batches; return the loss history."""
+    """Train h_theta, CLUB's q networks and m_phi on a stream of batches; return the loss history.
+
+    Inside an initialised torch.distributed process group (e.g. under torchrun), each rank streams its own shard of
+    the data through the backbone (outside DDP, under no_grad); h_theta and the estimators are wrapped in
+    DistributedDataParallel, and CLUB's negative pairs are drawn from the global batch by summing the few numbers
+    they need of B (class counts, sums of b and b^2) over ranks. With equal per-rank batches this takes the same
+    steps as one process with the global batch, up to float rounding. The same small all-reduce at the start of
+    each step carries three flags: a rank that failed, a rank whose shard ran out (every rank then ends the epoch,
+    so uneven shards cannot desynchronise the ranks), and a rank that was signalled to stop.
+
+    With `cfg.checkpoint_dir`, a checkpoint is written every `cfg.checkpoint_every` steps, at the end, and on
+    SIGINT / SIGTERM (then TrainingInterrupted is raised); `cfg.resume` continues from the newest intact one.
+    """
     from tqdm.auto import tqdm
 
-    if objective.cfg.standardize:
+    ddp = is_distributed()
+    check_sharded(loader)
+    checkpointer = (Checkpointer(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
+                    if cfg.checkpoint_dir is not None else None)
+    resumed = _find_resume_point(checkpointer, objective, cfg, loader)
+    if resumed is None and objective.cfg.standardize:
         estimate_statistics(objective, loader, extract, cfg, device)
     fused = {"foreach": True}
     opt_h = torch.optim.Adam(objective.h.parameters(), lr=cfg.lr, **fused)
     opt_est = torch.optim.Adam(objective.estimator_parameters(), lr=cfg.estimator_lr or cfg.lr, **fused)
     history = FitHistory(club={a.name: [] for a in objective.attributes})
+    position = Position()
+    if resumed is not None:
+        objective.load_state_dict(resumed.heads)
+        load_optimizer_state(opt_h, resumed.optimizers["h"])
+        load_optimizer_state(opt_est, resumed.optimizers["estimators"])
+        history = FitHistory.from_dict(resumed.history)
+        position = resumed.position
+    h_net: nn.Module = objective.h
+    est_net: nn.Module = EstimatorLoss(objective)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        h_net = DistributedDataParallel(h_net, device_ids=ids)
+        est_net = DistributedDataParallel(est_net, device_ids=ids)
     try:
         total = len(loader) * cfg.epochs  # type: ignore[arg-type]
     except TypeError:
         total = None
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps) if total is not None else cfg.max_steps
-    bar = tqdm(total=total, disable=not cfg.progress, desc="dmm_wrap fit", dynamic_ncols=True)
-    step = 0
+    bar = tqdm(total=total, initial=position.step, disable=not cfg.progress or not is_main_process(),
+               desc="dmm_wrap fit", dynamic_ncols=True)
+    epoch_rng: dict[str, Any] = {}
+    saved_at = position.step if resumed is not None else None
+
+    def save_checkpoint() -> Path | None:
+        """Write a checkpoint (rank 0); every rank raises if the write failed, so none waits for the others."""
+        assert checkpointer is not None
+        rngs = all_gather_object(epoch_rng)
+        path, failure = None, None
+        if is_main_process():
+            try:
+                path = checkpointer.save(objective, {"h": opt_h, "estimators": opt_est}, position,
+                                         history.as_dict(), rngs, fingerprint(objective, loader))
+            except Exception as err:  # disk full, permissions: reported on every rank below
+                failure = err
+        if ddp and all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item() > 0:
+            if failure is None:
+                raise RuntimeError(f"Step {position.step}: rank 0 could not write the checkpoint (see its log).")
+        if failure is not None:
+            raise failure
+        return path
+
+    def done() -> bool:
+        return cfg.max_steps is not None and position.step >= cfg.max_steps
+
+    stop = StopSignals(enabled=checkpointer is not None)
     try:
-        for _epoch in range(cfg.epochs):
-            seen = 0
-            for z, b in iterate_batches(loader, objective.attributes, extract, device, cfg.amp_dtype):
-                seen += 1
-                if z.shape[0] < 2:
-                    continue  # CLUB's pairwise term needs at least two samples
-                b = objective.normalize_attrs(b)
-                z_std = objective.normalize(z)
-                # h_theta runs once per batch: the estimator steps use its detached output and the
-                # theta step reuses the same graph, so nothing is recomputed.
-                z_tilde = objective.h(z_std)
-                for _ in range(cfg.estimator_steps):
-                    est = objective.estimator_losses(z_std, z_tilde, b, cfg.nll_reduction)
-                    opt_est.zero_grad(set_to_none=True)
-                    (est.q_nll + est.m_nll).backward()
-                    opt_est.step()
-                losses = objective.theta_losses(z_std, z_tilde, b, cfg.lam, cfg.nll_reduction)
-                if step >= cfg.warmup_steps:
-                    opt_h.zero_grad(set_to_none=True)
-                    losses.total.backward(inputs=list(objective.h.parameters()))
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(objective.h.parameters(), cfg.grad_clip, foreach=True)
-                    opt_h.step()
-                if step % cfg.log_every == 0:
-                    _record(history, step, losses, est.q_nll)
-                    if not math.isfinite(history.loss[-1]):
-                        raise FloatingPointError(
-                            f"Step {step}: the loss became {history.loss[-1]}. Lower lr, keep grad_clip on, "
-                            "or keep standardize on."
-                        )
-                    bar.set_postfix(loss=f"{history.loss[-1]:.3f}", club=f"{history.debias[-1]:.3f}",
-                                    nll=f"{history.retain[-1]:.3f}", refresh=False)
-                bar.update(1)
-                step += 1
-                if cfg.max_steps is not None and step >= cfg.max_steps:
+        with stop, _workers_ignore_stop_signals(loader, checkpointer is not None):
+            for epoch in range(position.epoch, cfg.epochs):
+                if done():
                     break
-            if seen == 0:
-                raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
+                _set_epoch(loader, epoch)
+                skip = 0
+                if resumed is not None and epoch == resumed.position.epoch:
+                    epoch_rng = resumed.rng[rank()]
+                    restore_rng(epoch_rng, loader)  # replay this epoch's order, then skip what was consumed
+                    skip = position.batches
+                else:
+                    epoch_rng = capture_rng(loader) if checkpointer is not None else {}
+                    position.epoch, position.batches = epoch, 0
+                batches = iterate_batches(loader, objective.attributes, extract, device, cfg.amp_dtype, skip)
+                while not done():
+                    z = b = failure = None
+                    try:
+                        z, b = next(batches)
+                    except StopIteration:
+                        pass
+                    except Exception as err:
+                        if not ddp:
+                            if stop.signum is not None and checkpointer is not None:
+                                # The signal also reached a loader worker; the run still stops at a step boundary.
+                                raise TrainingInterrupted(stop.signum, position.step, save_checkpoint()) from err
+                            raise
+                        failure = err
+                    sums, stop_now = None, False
+                    if ddp:
+                        sums, stop_now = _synchronise(objective, b, stop.signum is not None, failure, device,
+                                                      position.step)
+                        if sums is None:
+                            break  # some rank's shard ran out: every rank ends the epoch here
+                    elif z is None:
+                        break
+                    position.batches += 1
+                    if not ddp and z.shape[0] < 2:
+                        continue  # CLUB's pairwise term needs at least two samples
+                    _step(objective, h_net, est_net, opt_h, opt_est, z, b, sums, position.step, cfg, history, ddp)
+                    bar.update(1)
+                    position.step += 1
+                    stop_now = stop_now or (not ddp and stop.signum is not None)
+                    if history.step and history.step[-1] == position.step - 1:
+                        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", club=f"{history.debias[-1]:.3f}",
+                                        nll=f"{history.retain[-1]:.3f}", refresh=False)
+                    if checkpointer is not None and (position.step % checkpointer.every == 0 or stop_now):
+                        path = save_checkpoint()
+                        saved_at = position.step
+                        if stop_now:
+                            barrier()  # no rank exits (and gets the others killed) before rank 0 has written
+                            raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step, path)
+                if position.batches == 0:
+                    raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
+            if checkpointer is not None:
+                path = save_checkpoint() if saved_at != position.step else None
+                # A signal after the last flag was read (last step, last fetch): still reported as a stop.
+                stopped = stop.signum is not None
+                if ddp:
+                    stopped = all_reduce_sum(torch.tensor([float(stopped)], device=device)).item() > 0
+                if stopped:
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step,
+                                              path or checkpointer.paths()[0] if is_main_process() else None)
     finally:
         bar.close()
-    history.steps_done = step
+    history.steps_done = position.step
     return history
 
 
-def _record(history: FitHistory, step: int, losses: Any, q_nll: Tensor) -> None:
-    values = torch.stack([losses.total, losses.debias, losses.retain, q_nll, *losses.club.values()]).tolist()
+def _synchronise(objective: DeepMinMax, b: Tensor | None, stop: bool, failure: BaseException | None,
+                 device: torch.device, step: int) -> tuple[Tensor | None, bool]:
+    """The one all-reduce at the start of a data-parallel step: CLUB's pair sums over the global batch, and whether
+    any rank failed (every rank raises), ran out of data (returns None: end the epoch) or was asked to stop."""
+    width = 1 + sum(q.pair_width for q in objective.q.values())
+    sums = objective.pair_sums(objective.normalize_attrs(b)) if b is not None else torch.zeros(width, device=device)
+    flags = [float(stop), float(failure is not None), float(b is None and failure is None)]
+    packed = all_reduce_sum(torch.cat([sums, sums.new_tensor(flags)]))
+    any_stop, any_failure, any_exhausted = (v > 0 for v in packed[width:].tolist())
+    if failure is not None:
+        raise failure
+    if any_failure:
+        raise RuntimeError(f"Step {step}: another process failed (its error is in its own log); stopping this one.")
+    if any_exhausted:
+        return None, any_stop
+    return packed[:width], any_stop
+
+
+def _find_resume_point(checkpointer: Checkpointer | None, objective: DeepMinMax, cfg: FitConfig,
+                       loader: Iterable) -> Checkpoint | None:
+    """The checkpoint to continue from, chosen by rank 0 and read by every rank, or None for a new run."""
+    if checkpointer is None:
+        if cfg.resume:
+            raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run wrote its checkpoints "
+                             "to.")
+        return None
+    if not cfg.resume:
+        if is_main_process():
+            earlier = checkpointer.replace_earlier_run()
+            if earlier:
+                warnings.warn(f"Starting a new run: the {earlier} checkpoint(s) of an earlier run in "
+                              f"{checkpointer.directory} will be removed when this run writes its first one (pass "
+                              "resume=True / --resume to continue that run instead).", stacklevel=3)
+        return None
+    chosen: tuple[str | None, str | None] = (None, None)
+    if is_main_process():
+        try:
+            found = checkpointer.latest()
+            chosen = (str(found.path) if found is not None else None, None)
+        except ValueError as err:
+            chosen = (None, str(err))
+    path, error = broadcast_object(chosen)
+    if error is not None:
+        raise ValueError(error)
+    if path is None:
+        if is_main_process():
+            warnings.warn(f"resume=True but {checkpointer.directory} holds no checkpoint; starting from scratch.",
+                          stacklevel=3)
+        return None
+    found = found if is_main_process() else Checkpointer.read(Path(path))
+    check_fingerprint(found.fingerprint, fingerprint(objective, loader), found.path)
+    if cfg.max_steps is not None and found.position.step > cfg.max_steps and is_main_process():
+        warnings.warn(f"The checkpoint is at step {found.position.step}, beyond max_steps={cfg.max_steps}: nothing "
+                      "to train; its heads are loaded as they are.", stacklevel=3)
+    return found
+
+
+def _step(objective: DeepMinMax, h_net: nn.Module, est_net: nn.Module, opt_h: torch.optim.Optimizer,
+          opt_est: torch.optim.Optimizer, z: Tensor, b: Tensor, sums: Tensor | None, step: int, cfg: FitConfig,
+          history: FitHistory, ddp: bool) -> None:
+    """One training step on a batch (`sums`: CLUB's pair sums over the global batch, None for this batch)."""
+    b = objective.normalize_attrs(b)
+    z_std = objective.normalize(z)
+    # h_theta runs once per batch: the estimator steps use its detached output and the theta step reuses the
+    # same graph, so nothing is recomputed. Warm-up steps (no theta update) bypass DDP's gradient hooks.
+    z_tilde = (h_net if step >= cfg.warmup_steps else objective.h)(z_std)
+    for _ in range(cfg.estimator_steps):
+        est = est_net(z_std, z_tilde, b, cfg.nll_reduction)
+        opt_est.zero_grad(set_to_none=True)
+        est[0].backward()
+        opt_est.step()
+    losses = objective.theta_losses(z_std, z_tilde, b, cfg.lam, cfg.nll_reduction, sums,
+                                    _mean_over_ranks if ddp else None)
+    if step >= cfg.warmup_steps:
+        opt_h.zero_grad(set_to_none=True)
+        losses.total.backward(inputs=list(objective.h.parameters()))
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(objective.h.parameters(), cfg.grad_clip, foreach=True)
+        opt_h.step()
+    if step % cfg.log_every == 0:
+        _record(history, step, losses, est[1], ddp)
+        if not math.isfinite(history.loss[-1]):
+            raise FloatingPointError(
+                f"Step {step}: the loss became {history.loss[-1]}. Lower lr, keep grad_clip on, or keep standardize on."
+            )
+
+
+def _record(history: FitHistory, step: int, losses: Any, q_nll: Tensor, ddp: bool) -> None:
+    values = torch.stack([losses.total, losses.debias, losses.retain, q_nll, *losses.club.values()]).detach()
+    if ddp:
+        values = _mean_over_ranks(values)  # the global batch's values, the same on every rank
+    values = values.tolist()
     history.step.append(step)
     history.loss.append(values[0])
     history.debias.append(values[1])
@@ -240,4 +550,4 @@ def _record(history: FitHistory, step: int, losses: Any, q_nll: Tensor) -> None:
         history.club[name].append(v)
 
 
-__all__ = ["FitHistory", "train", "RunningMoments", "split_batch", "attrs_tensor"]
+__all__ = ["FitHistory", "train", "RunningMoments", "split_batch", "attrs_tensor", "StopSignals", "EstimatorLoss"]

@@ -114,7 +114,9 @@ def test_options_map_to_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert args.run(args) == 0
     cfg = seen["cfg"]
     assert (cfg.output_dir, cfg.fit.max_steps, cfg.fit.device) == ("o", 3, "cpu")
-    assert cfg.fit.lr == 0.002 and cfg.eval.leace is False
+    assert cfg.fit.lr == 0.002 and cfg.eval.leace is False and cfg.fit.resume is False
+    args = parser.parse_args(["fit", DEFAULT, "--resume"])
+    assert args.run(args) == 0 and seen["cfg"].fit.resume is True
 
 
 def test_subcommand_table_is_extensible() -> None:

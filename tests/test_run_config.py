@@ -101,7 +101,8 @@ def test_parse_override_reads_yaml_values() -> None:
 
 
 def test_overrides_map_to_config_keys(tmp_path: Path) -> None:
-    assert OPTION_KEYS == {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device"}
+    assert OPTION_KEYS == {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device",
+                           "resume": "fit.resume"}
     path = tmp_path / "run.yaml"
     path.write_text("fit:\n  epochs: 3\n  lr: 0.01\nmodel:\n  h_layers: 2\n")
     cfg = load_run_config(path, [("output_dir", "out"), ("fit.max_steps", 5), ("fit.device", "cpu"),
