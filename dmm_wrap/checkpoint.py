@@ -37,12 +37,14 @@ _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT / SIGTERM after writing a checkpoint; rerun with resume to continue."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, rank: int = 0) -> None:
         where = f"; checkpoint {checkpoint} written, resume to continue" if checkpoint is not None else ""
         super().__init__(f"training interrupted by signal {signum} at step {step}{where}")
         self.signum = signum
         self.step = step
         self.checkpoint = checkpoint
+        self.rank = rank
+        """The rank that raised it (every rank of a data-parallel run does; rank 0 reports it)."""
 
 
 @dataclass

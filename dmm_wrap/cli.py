@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dmm-wrap: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except TrainingInterrupted as stop:
-        if distributed.is_main_process():
+        if stop.rank == 0:  # the process group is already shut down here: ask the exception
             where = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "the last checkpoint"
             print(f"dmm-wrap: interrupted at step {stop.step}; {where} holds the run. Continue it with the same "
                   "command and --resume.", file=sys.stderr)

@@ -79,6 +79,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: this process's GPU under NCCL, the CPU otherwise."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Collective: every rank learns whether any rank failed at `what`. The failed rank raises its own error, the
+    others a RuntimeError pointing to it, so no rank is left waiting in a later collective."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    failed = torch.tensor([float(error is not None)], device=collective_device())
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise RuntimeError(f"{what}: another process failed (its error is in its own log); stopping this one.")
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum `tensor` over ranks in place (identity outside a process group) and return it."""
     if is_distributed():
@@ -129,4 +151,4 @@ def check_sharded(loader: Iterable) -> None:
 
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "launched_by_torchrun", "init_from_env",
-           "shutdown", "barrier", "all_reduce_sum", "all_gather_tensor", "all_gather_object", "broadcast_object", "check_sharded"]
+           "shutdown", "barrier", "collective_device", "raise_if_any_failed", "all_reduce_sum", "all_gather_tensor", "all_gather_object", "broadcast_object", "check_sharded"]

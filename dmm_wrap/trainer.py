@@ -22,7 +22,8 @@ from .checkpoint import (Checkpoint, Checkpointer, Position, TrainingInterrupted
                          load_optimizer_state, restore_rng)
 from .config import Attribute, FitConfig
 from .distributed import (all_gather_object, all_gather_tensor, all_reduce_sum, barrier, broadcast_object,
-                          check_sharded, is_distributed, is_main_process, rank, world_size)
+                          check_sharded, collective_device, is_distributed, is_main_process, raise_if_any_failed, rank,
+                          world_size)
 from .objective import DeepMinMax
 
 
@@ -140,7 +141,7 @@ class RunningMoments:
         packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.mean, self.m2])
         dim = self.mean.numel()
         merged = RunningMoments(dim)
-        for part in all_gather_tensor(packed.to(_collective_device())):
+        for part in all_gather_tensor(packed.to(collective_device())):
             part = part.cpu()
             merged.merge(int(part[0].item()), part[1:1 + dim], part[1 + dim:])
         return merged
@@ -182,9 +183,14 @@ def estimate_statistics(objective: DeepMinMax, loader: Iterable, extract: Callab
     zs = RunningMoments(objective.feature_dim)
     bs = RunningMoments(len(attributes))
     batches = iterate_batches(loader, attributes, extract, device, cfg.amp_dtype)
-    for z, b in itertools.islice(batches, cfg.stats_batches):
-        zs.update(z)
-        bs.update(b)
+    failure = None
+    try:
+        for z, b in itertools.islice(batches, cfg.stats_batches):
+            zs.update(z)
+            bs.update(b)
+    except Exception as err:  # a bad batch on one rank must not leave the others waiting in the merge below
+        failure = err
+    raise_if_any_failed(failure, "statistics pre-pass")
     zs, bs = zs.merge_ranks(), bs.merge_ranks()  # data-parallel: statistics of the union of the ranks' shards
     if zs.n == 0:
         raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
@@ -275,21 +281,16 @@ def _workers_ignore_stop_signals(loader: Iterable, enabled: bool) -> Iterator[No
 
 
 def fingerprint(objective: DeepMinMax, loader: Iterable) -> dict[str, Any]:
-    """What must not change between a checkpoint and the run resuming from it (the batches per epoch too: the
-    checkpoint's position counts batches)."""
+    """What must not change between a checkpoint and the run resuming from it, the same on every rank: the heads,
+    the attributes, the number of processes and each rank's batches per epoch (the checkpoint's position counts
+    batches). Collective under torch.distributed."""
     try:
         batches = len(loader)  # type: ignore[arg-type]
     except TypeError:
         batches = None
     return {"feature_dim": objective.feature_dim, "out_dim": objective.out_dim,
             "attributes": [a.to_dict() for a in objective.attributes], "head": dataclasses.asdict(objective.cfg),
-            "world_size": world_size(), "batches_per_epoch": batches}
-
-
-def _collective_device() -> torch.device:
-    """Where tensors for collectives live: the current GPU under NCCL, the CPU under gloo."""
-    backend = torch.distributed.get_backend() if is_distributed() else "gloo"
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            "world_size": world_size(), "batches_per_epoch": all_gather_object(batches)}
 
 
 def _mean_over_ranks(value: Tensor) -> Tensor:
@@ -322,10 +323,17 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
     from tqdm.auto import tqdm
 
     ddp = is_distributed()
+    if ddp and device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives (and the object ones) run on the current device
     check_sharded(loader)
     checkpointer = (Checkpointer(cfg.checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints)
                     if cfg.checkpoint_dir is not None else None)
-    resumed = _find_resume_point(checkpointer, objective, cfg, loader)
+    if checkpointer is not None and getattr(loader, "persistent_workers", False) and is_main_process():
+        warnings.warn("The DataLoader has persistent_workers=True: its workers outlive epochs, so a resumed run cannot "
+                      "reproduce their random state, and a SIGTERM sent to the whole process group reaches them. "
+                      "Use persistent_workers=False for exact resumes.", stacklevel=3)
+    run_fingerprint = fingerprint(objective, loader) if checkpointer is not None else {}
+    resumed = _find_resume_point(checkpointer, objective, cfg, run_fingerprint)
     if resumed is None and objective.cfg.standardize:
         estimate_statistics(objective, loader, extract, cfg, device)
     fused = {"foreach": True}
@@ -366,7 +374,7 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
         if is_main_process():
             try:
                 path = checkpointer.save(objective, {"h": opt_h, "estimators": opt_est}, position,
-                                         history.as_dict(), rngs, fingerprint(objective, loader))
+                                         history.as_dict(), rngs, run_fingerprint)
             except Exception as err:  # disk full, permissions: reported on every rank below
                 failure = err
         if ddp and all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item() > 0:
@@ -389,7 +397,12 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                 skip = 0
                 if resumed is not None and epoch == resumed.position.epoch:
                     epoch_rng = resumed.rng[rank()]
-                    restore_rng(epoch_rng, loader)  # replay this epoch's order, then skip what was consumed
+                    failure = None
+                    try:
+                        restore_rng(epoch_rng, loader)  # replay this epoch's order, then skip what was consumed
+                    except Exception as err:
+                        failure = err
+                    raise_if_any_failed(failure, "restoring the RNG states")
                     skip = position.batches
                 else:
                     epoch_rng = capture_rng(loader) if checkpointer is not None else {}
@@ -405,7 +418,7 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                         if not ddp:
                             if stop.signum is not None and checkpointer is not None:
                                 # The signal also reached a loader worker; the run still stops at a step boundary.
-                                raise TrainingInterrupted(stop.signum, position.step, save_checkpoint()) from err
+                                raise TrainingInterrupted(stop.signum, position.step, save_checkpoint(), rank()) from err
                             raise
                         failure = err
                     sums, stop_now = None, False
@@ -431,7 +444,7 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                         saved_at = position.step
                         if stop_now:
                             barrier()  # no rank exits (and gets the others killed) before rank 0 has written
-                            raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step, path)
+                            raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step, path, rank())
                 if position.batches == 0:
                     raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
             if checkpointer is not None:
@@ -442,7 +455,7 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                     stopped = all_reduce_sum(torch.tensor([float(stopped)], device=device)).item() > 0
                 if stopped:
                     raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step,
-                                              path or checkpointer.paths()[0] if is_main_process() else None)
+                                              path or checkpointer.paths()[0] if is_main_process() else None, rank())
     finally:
         bar.close()
     history.steps_done = position.step
@@ -468,8 +481,9 @@ def _synchronise(objective: DeepMinMax, b: Tensor | None, stop: bool, failure: B
 
 
 def _find_resume_point(checkpointer: Checkpointer | None, objective: DeepMinMax, cfg: FitConfig,
-                       loader: Iterable) -> Checkpoint | None:
-    """The checkpoint to continue from, chosen by rank 0 and read by every rank, or None for a new run."""
+                       run_fingerprint: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint to continue from, chosen by rank 0 and read by every rank, or None for a new run. Every rank
+    raises if any rank cannot read it or it does not fit this run."""
     if checkpointer is None:
         if cfg.resume:
             raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run wrote its checkpoints "
@@ -484,11 +498,12 @@ def _find_resume_point(checkpointer: Checkpointer | None, objective: DeepMinMax,
                               "resume=True / --resume to continue that run instead).", stacklevel=3)
         return None
     chosen: tuple[str | None, str | None] = (None, None)
+    found: Checkpoint | None = None
     if is_main_process():
         try:
             found = checkpointer.latest()
             chosen = (str(found.path) if found is not None else None, None)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             chosen = (None, str(err))
     path, error = broadcast_object(chosen)
     if error is not None:
@@ -498,8 +513,15 @@ def _find_resume_point(checkpointer: Checkpointer | None, objective: DeepMinMax,
             warnings.warn(f"resume=True but {checkpointer.directory} holds no checkpoint; starting from scratch.",
                           stacklevel=3)
         return None
-    found = found if is_main_process() else Checkpointer.read(Path(path))
-    check_fingerprint(found.fingerprint, fingerprint(objective, loader), found.path)
+    failure = None
+    try:
+        if found is None:
+            found = Checkpointer.read(Path(path))
+        check_fingerprint(found.fingerprint, run_fingerprint, found.path)
+    except (ValueError, OSError) as err:
+        failure = err
+    raise_if_any_failed(failure, f"resuming from {path}")
+    assert found is not None
     if cfg.max_steps is not None and found.position.step > cfg.max_steps and is_main_process():
         warnings.warn(f"The checkpoint is at step {found.position.step}, beyond max_steps={cfg.max_steps}: nothing "
                       "to train; its heads are loaded as they are.", stacklevel=3)

@@ -191,6 +191,36 @@ def test_resume_errors_and_fresh_runs(tmp_path: Path) -> None:
     assert [p.name for p in Checkpointer(tmp_path / "higher", 5).paths()] == ["checkpoint-000000005.safetensors"]
 
 
+def test_other_process_count_and_failed_writes_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmm_wrap import trainer
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "world_size", lambda: 2)  # the checkpoint records 2 processes
+        m.setattr(trainer, "all_gather_object", lambda obj: [obj, obj])
+        _fit(_model(), tmp_path / "two", 5)
+    with pytest.raises(ValueError, match="world_size: checkpoint 2 vs now 1"):
+        _fit(_model(), tmp_path / "two", 10, resume=True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    model = _model()
+    model.fit(_loader(), max_steps=1, progress=False)
+    before = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    monkeypatch.setattr(Checkpointer, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _fit(model, tmp_path / "full", 6)
+    assert _max_diff(model.heads.state_dict(), before) == 0.0  # fit is all-or-nothing
+
+
+def test_persistent_workers_are_warned_about(tmp_path: Path) -> None:
+    x, _, s = make_site_problem(64, seed=0)
+    loader = DataLoader(torch.utils.data.TensorDataset(x, s.float()[:, None]), batch_size=32, num_workers=1,
+                        persistent_workers=True)
+    with pytest.warns(UserWarning, match="persistent_workers=True"):
+        _model().fit(loader, max_steps=2, progress=False, checkpoint_dir=str(tmp_path))
+
+
 def test_rng_capture_and_restore_round_trip() -> None:
     loader = _loader()
     state = capture_rng(loader)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -65,17 +68,40 @@ def test_two_gloo_ranks_agree_and_match_one_process_with_the_global_batch(tmp_pa
         assert histories[0][key] == pytest.approx(histories[1][key], abs=1e-4)
 
 
-def test_resumed_two_rank_run_matches_the_uninterrupted_one(tmp_path: Path) -> None:
-    common = [str(SCRIPT), "--batch-size", "32", "--steps", "24"]
+def test_signalled_two_rank_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    # Shuffled, noise-augmented shards of unequal length (rank 1 has 15 batches per epoch, rank 0 16): the resumed
+    # run only matches if each rank's RNG, position and the shared end-of-epoch are all restored.
+    common = [str(SCRIPT), "--batch-size", "32", "--steps", "28", "--shuffle", "--uneven", "40"]
     _torchrun(2, *common, "--out", str(tmp_path / "full"), "--checkpoint-dir", str(tmp_path / "full-ckpt"))
-    _torchrun(2, *common[:-1], "12", "--out", str(tmp_path / "part"), "--checkpoint-dir", str(tmp_path / "ckpt"))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint-000000010.safetensors",
-                                                                     "checkpoint-000000012.safetensors"]
-    _torchrun(2, *common, "--out", str(tmp_path / "part"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume")
+    part, ckpt = tmp_path / "part", tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *common,
+           "--out", str(part), "--checkpoint-dir", str(ckpt), "--gate-at", "19"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+    deadline = time.monotonic() + 120
+    # Rank 0 holds in its 20th training-time backbone call: step 18 (epoch 1, batch 3), because its 16th batch of
+    # epoch 0 was read and dropped when rank 1's shard ran out.
+    while not (part / "waiting").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached the gate"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both ranks
+    time.sleep(0.5)
+    (part / "release").write_text("")
+    stdout, stderr = proc.communicate(timeout=120)
+    # Both ranks print to one pipe, so their lines may interleave: match the reports, not lines.
+    stops = sorted(re.findall(r"rank (\d) interrupted at step (\d+)", stdout))
+    assert [r for r, _ in stops] == ["0", "1"], stdout + stderr[-3000:]
+    step = int(stops[0][1])
+    assert stops[1][1] == stops[0][1]  # both ranks stop after the same step
+    assert step in (19, 20)  # the step in progress, and at most one more while the ranks agree on the stop
+    assert (ckpt / f"checkpoint-{step:09d}.safetensors").is_file()
+
+    _torchrun(2, *common, "--out", str(part), "--checkpoint-dir", str(ckpt), "--resume")
     for r in (0, 1):
-        resumed = load_file(tmp_path / "part" / f"heads-rank{r}.safetensors")
+        resumed = load_file(part / f"heads-rank{r}.safetensors")
         assert _max_diff(resumed, load_file(tmp_path / "full" / f"heads-rank{r}.safetensors")) == 0.0
-    assert json.loads((tmp_path / "part" / "history-rank0.json").read_text())["step"] == list(range(24))
+    history = json.loads((part / "history-rank0.json").read_text())
+    assert history["steps_done"] == 28 and history["step"] == list(range(28))
 
 
 def test_uneven_shards_end_each_epoch_together(tmp_path: Path) -> None:

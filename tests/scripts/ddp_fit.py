@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,9 +22,24 @@ from conftest import make_site_problem  # noqa: E402
 
 from dmm_wrap import Attribute, DebiasedEncoder  # noqa: E402
 from dmm_wrap import distributed  # noqa: E402
+from dmm_wrap.checkpoint import TrainingInterrupted  # noqa: E402
+from gate import Gate  # noqa: E402  (tests/scripts/gate.py, beside this script)
 
 
-def main() -> None:
+class NoisyData(Dataset):
+    """(x + noise from the torch RNG, attrs): a resumed run matches only if each rank's RNG state is restored."""
+
+    def __init__(self, x: torch.Tensor, attrs: torch.Tensor) -> None:
+        self.x, self.attrs = x, attrs
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i] + 0.05 * torch.randn(self.x.shape[1]), self.attrs[i]
+
+
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, required=True, help="per-process batch")
@@ -35,6 +50,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--uneven", type=int, default=0, help="rank 1 gets this many fewer samples")
     parser.add_argument("--nan-at", type=int, default=None, help="rank 1's sample with this index is NaN")
+    parser.add_argument("--shuffle", action="store_true", help="shuffled shards and noise from each rank's RNG")
+    parser.add_argument("--gate-at", type=int, default=None,
+                        help="rank 0 blocks before the forward of this step until OUT/release exists")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
@@ -42,23 +60,34 @@ def main() -> None:
     attrs = torch.stack([s.float(), x[:, 8] + 0.1 * x[:, 10]], 1)
     if args.nan_at is not None and distributed.rank() == 1:
         x[args.nan_at] = float("nan")
-    dataset = TensorDataset(x, attrs)
-    sampler = DistributedSampler(dataset, shuffle=False) if distributed.is_distributed() else None
+    dataset = NoisyData(x, attrs) if args.shuffle else TensorDataset(x, attrs)
+    sampler = DistributedSampler(dataset, shuffle=args.shuffle, seed=3) if distributed.is_distributed() else None
     if args.uneven and distributed.rank() == 1:
         sampler = list(sampler)[: -args.uneven]
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, shuffle=False)
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32))
-    model = DebiasedEncoder(backbone, None, [Attribute("site", "categorical", 3), Attribute("level", "continuous")])
-    history = model.fit(loader, max_steps=args.steps, epochs=args.epochs, estimator_steps=2, stats_batches=4,
-                        progress=False, checkpoint_dir=args.checkpoint_dir, checkpoint_every=5, resume=args.resume)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.gate_at is not None and distributed.rank() == 0:
+        # Backbone calls before step k: one to size the heads, 4 for the statistics, then one per step.
+        backbone.register_forward_pre_hook(Gate(out, 1 + 4 + args.gate_at + 1))
+    model = DebiasedEncoder(backbone, None, [Attribute("site", "categorical", 3), Attribute("level", "continuous")])
+    try:
+        history = model.fit(loader, max_steps=args.steps, epochs=args.epochs, estimator_steps=2, stats_batches=4,
+                            progress=False, checkpoint_dir=args.checkpoint_dir, checkpoint_every=5,
+                            resume=args.resume)
+    except TrainingInterrupted as err:
+        sys.stdout.write(f"rank {distributed.rank()} interrupted at step {err.step}\n")  # one write: lines of the
+        sys.stdout.flush()  # two ranks share a pipe
+        distributed.shutdown()
+        return 128 + err.signum
     r = distributed.rank()
     save_file({k: v.contiguous() for k, v in model.heads.state_dict().items()}, str(out / f"heads-rank{r}.safetensors"))
     (out / f"history-rank{r}.json").write_text(json.dumps(history.as_dict()))
     distributed.shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

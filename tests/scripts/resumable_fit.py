@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from conftest import make_site_problem  # noqa: E402
 
 from dmm_wrap import Attribute, DebiasedEncoder  # noqa: E402
 from dmm_wrap.checkpoint import TrainingInterrupted  # noqa: E402
+from gate import Gate  # noqa: E402  (tests/scripts/gate.py, beside this script)
 
 STATS_BATCHES = 3
 
@@ -39,21 +39,6 @@ class NoisySites(Dataset):
 
     def __getitem__(self, i: int):
         return self.x[i] + 0.05 * torch.randn(16), self.attrs[i]
-
-
-class Gate:
-    """Forward pre-hook that blocks the backbone's call number `at` until a release file appears."""
-
-    def __init__(self, folder: Path, at: int) -> None:
-        self.folder, self.at, self.calls = folder, at, 0
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.calls += 1
-        if self.calls == self.at:
-            (self.folder / "waiting").write_text("")
-            deadline = time.monotonic() + 300
-            while not (self.folder / "release").exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
 
 
 def main() -> int:
