@@ -213,13 +213,16 @@ def run_fit(args: argparse.Namespace) -> int:
                 torch.manual_seed(cfg.seed)
             model = build_model(cfg, data.attributes)
             history = model.fit(data.train, config=fit_cfg)
+            # Every rank has finished training: leave the group together now, so that no rank waits (and times
+            # out) in a collective while rank 0 evaluates, which needs no communication.
+            distributed.shutdown(sync=True)
             if main_process:
                 out.mkdir(parents=True, exist_ok=True)
                 model.save_pretrained(out / "model")
                 (out / "history.json").write_text(json.dumps(history.as_dict()) + "\n")
                 evaluate_run(cfg, model, data, out, start, history)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(sync=False)  # after an error (another rank may never arrive); no-op otherwise
     return 0
 
 

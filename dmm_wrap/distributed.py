@@ -8,6 +8,7 @@ outside DDP under no_grad on each rank's own shard of the data. Nothing here all
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Iterable
@@ -68,9 +69,17 @@ def init_from_env(device: str | None) -> str | None:
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op when none is initialised)."""
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group (no-op when none is initialised).
+
+    With `sync` (a normal exit, every rank calling it), the ranks first meet at a barrier and drop unreachable
+    objects, so that no rank tears its connections down while another still uses them. Pass sync=False on an error
+    path, where another rank may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -151,4 +160,5 @@ def check_sharded(loader: Iterable) -> None:
 
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "launched_by_torchrun", "init_from_env",
-           "shutdown", "barrier", "collective_device", "raise_if_any_failed", "all_reduce_sum", "all_gather_tensor", "all_gather_object", "broadcast_object", "check_sharded"]
+           "shutdown", "barrier", "collective_device", "raise_if_any_failed", "all_reduce_sum", "all_gather_tensor",
+           "all_gather_object", "broadcast_object", "check_sharded"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import math
 import signal
@@ -458,6 +459,11 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                                               path or checkpointer.paths()[0] if is_main_process() else None, rank())
     finally:
         bar.close()
+        if ddp:
+            # Drop the DDP wrappers (and the process group their reducers hold) here: a raised exception's
+            # traceback keeps this frame, and so them, alive while the caller shuts the group down.
+            h_net = est_net = None  # noqa: F841
+            gc.collect()
     history.steps_done = position.step
     return history
 

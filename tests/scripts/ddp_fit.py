@@ -80,7 +80,7 @@ def main() -> int:
     except TrainingInterrupted as err:
         sys.stdout.write(f"rank {distributed.rank()} interrupted at step {err.step}\n")  # one write: lines of the
         sys.stdout.flush()  # two ranks share a pipe
-        distributed.shutdown()
+        distributed.shutdown()  # every rank stops after the same step: a normal, synchronised exit
         return 128 + err.signum
     r = distributed.rank()
     save_file({k: v.contiguous() for k, v in model.heads.state_dict().items()}, str(out / f"heads-rank{r}.safetensors"))
