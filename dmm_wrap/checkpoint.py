@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .serialization import move_into_place
+
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
@@ -173,6 +175,9 @@ class Checkpointer:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep_checkpoints must be an int >= 1, got {keep!r}.")
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint_dir {self.directory} is a file, not a folder; give a folder path (it is "
+                             "created if missing).")
         self.every = every
         self.keep = keep
         self._earlier: list[Path] = []
@@ -217,10 +222,7 @@ class Checkpointer:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; other readers of a shared folder need access
-            os.replace(tmp, final)
+            move_into_place(Path(tmp), final)  # with the usual mode: other readers of a shared folder need access
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -8,10 +8,11 @@ outside DDP under no_grad on each rank's own shard of the data. Nothing here all
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -95,13 +96,19 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def raise_if_any_failed(error: BaseException | None, what: str) -> None:
-    """Collective: every rank learns whether any rank failed at `what`. The failed rank raises its own error, the
-    others a RuntimeError pointing to it, so no rank is left waiting in a later collective."""
+@contextlib.contextmanager
+def fail_together(what: str) -> Iterator[None]:
+    """Collective around a block that may fail on some ranks only: every rank learns whether any rank failed at
+    `what`. The failed rank re-raises its own error, the others raise a RuntimeError pointing to it, so no rank is
+    left waiting in a later collective. Outside a process group the block runs as it is."""
     if not is_distributed():
-        if error is not None:
-            raise error
+        yield
         return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        error = err
     failed = torch.tensor([float(error is not None)], device=collective_device())
     dist.all_reduce(failed, op=dist.ReduceOp.SUM)
     if error is not None:
@@ -160,5 +167,5 @@ def check_sharded(loader: Iterable) -> None:
 
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "launched_by_torchrun", "init_from_env",
-           "shutdown", "barrier", "collective_device", "raise_if_any_failed", "all_reduce_sum", "all_gather_tensor",
+           "shutdown", "barrier", "collective_device", "fail_together", "all_reduce_sum", "all_gather_tensor",
            "all_gather_object", "broadcast_object", "check_sharded"]

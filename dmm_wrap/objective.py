@@ -89,12 +89,17 @@ class DeepMinMax(nn.Module):
         m_nll = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
         return EstimatorLosses(q_nll, m_nll)  # type: ignore[arg-type]
 
+    @property
+    def pair_width(self) -> int:
+        """Length of `pair_sums`."""
+        return 1 + sum(q.pair_width for q in self.q.values())
+
     def pair_sums(self, b: Tensor) -> Tensor:
         """[n, then each attribute's pair sums]: all that CLUB's pairwise (negative) term needs of a batch's B.
 
         Data-parallel training sums this vector over ranks (a few floats) so that the negatives of every rank are
         drawn from the global batch, exactly as in one process with the global batch."""
-        parts = [torch.tensor([float(b.shape[0])], device=b.device)]
+        parts = [torch.full((1,), float(b.shape[0]), device=b.device)]  # a fill, not a host-to-device copy
         parts += [q.pair_sums(b[:, k]) for k, q in enumerate(self.q.values())]
         return torch.cat(parts)
 

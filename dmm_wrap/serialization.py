@@ -39,14 +39,19 @@ def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None
         directory.mkdir(parents=True, exist_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == CONFIG_NAME)
-        umask = os.umask(0)
-        os.umask(umask)
         for name in names:
-            os.chmod(tmp / name, 0o666 & ~umask)  # temp files may be created 0600; give saves the usual mode
-            os.replace(tmp / name, directory / name)
+            move_into_place(tmp / name, directory / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """os.replace `tmp` onto `final`, first giving it the mode a newly created file gets (temp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, final)
 
 
 def file_sha256(path: Path) -> str:

@@ -23,7 +23,7 @@ from .checkpoint import (Checkpoint, Checkpointer, Position, TrainingInterrupted
                          load_optimizer_state, restore_rng)
 from .config import Attribute, FitConfig
 from .distributed import (all_gather_object, all_gather_tensor, all_reduce_sum, barrier, broadcast_object,
-                          check_sharded, collective_device, is_distributed, is_main_process, raise_if_any_failed, rank,
+                          check_sharded, collective_device, fail_together, is_distributed, is_main_process, rank,
                           world_size)
 from .objective import DeepMinMax
 
@@ -184,14 +184,10 @@ def estimate_statistics(objective: DeepMinMax, loader: Iterable, extract: Callab
     zs = RunningMoments(objective.feature_dim)
     bs = RunningMoments(len(attributes))
     batches = iterate_batches(loader, attributes, extract, device, cfg.amp_dtype)
-    failure = None
-    try:
+    with fail_together("statistics pre-pass"):  # a bad batch on one rank must not leave the others in the merge
         for z, b in itertools.islice(batches, cfg.stats_batches):
             zs.update(z)
             bs.update(b)
-    except Exception as err:  # a bad batch on one rank must not leave the others waiting in the merge below
-        failure = err
-    raise_if_any_failed(failure, "statistics pre-pass")
     zs, bs = zs.merge_ranks(), bs.merge_ranks()  # data-parallel: statistics of the union of the ranks' shards
     if zs.n == 0:
         raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
@@ -371,18 +367,11 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
         """Write a checkpoint (rank 0); every rank raises if the write failed, so none waits for the others."""
         assert checkpointer is not None
         rngs = all_gather_object(epoch_rng)
-        path, failure = None, None
-        if is_main_process():
-            try:
+        path = None
+        with fail_together(f"Step {position.step}: writing the checkpoint"):  # disk full on rank 0: all ranks stop
+            if is_main_process():
                 path = checkpointer.save(objective, {"h": opt_h, "estimators": opt_est}, position,
                                          history.as_dict(), rngs, run_fingerprint)
-            except Exception as err:  # disk full, permissions: reported on every rank below
-                failure = err
-        if ddp and all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item() > 0:
-            if failure is None:
-                raise RuntimeError(f"Step {position.step}: rank 0 could not write the checkpoint (see its log).")
-        if failure is not None:
-            raise failure
         return path
 
     def done() -> bool:
@@ -398,12 +387,8 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                 skip = 0
                 if resumed is not None and epoch == resumed.position.epoch:
                     epoch_rng = resumed.rng[rank()]
-                    failure = None
-                    try:
+                    with fail_together("restoring the RNG states"):
                         restore_rng(epoch_rng, loader)  # replay this epoch's order, then skip what was consumed
-                    except Exception as err:
-                        failure = err
-                    raise_if_any_failed(failure, "restoring the RNG states")
                     skip = position.batches
                 else:
                     epoch_rng = capture_rng(loader) if checkpointer is not None else {}
@@ -472,7 +457,7 @@ def _synchronise(objective: DeepMinMax, b: Tensor | None, stop: bool, failure: B
                  device: torch.device, step: int) -> tuple[Tensor | None, bool]:
     """The one all-reduce at the start of a data-parallel step: CLUB's pair sums over the global batch, and whether
     any rank failed (every rank raises), ran out of data (returns None: end the epoch) or was asked to stop."""
-    width = 1 + sum(q.pair_width for q in objective.q.values())
+    width = objective.pair_width
     sums = objective.pair_sums(objective.normalize_attrs(b)) if b is not None else torch.zeros(width, device=device)
     flags = [float(stop), float(failure is not None), float(b is None and failure is None)]
     packed = all_reduce_sum(torch.cat([sums, sums.new_tensor(flags)]))
@@ -519,14 +504,10 @@ def _find_resume_point(checkpointer: Checkpointer | None, objective: DeepMinMax,
             warnings.warn(f"resume=True but {checkpointer.directory} holds no checkpoint; starting from scratch.",
                           stacklevel=3)
         return None
-    failure = None
-    try:
+    with fail_together(f"resuming from {path}"):
         if found is None:
             found = Checkpointer.read(Path(path))
         check_fingerprint(found.fingerprint, run_fingerprint, found.path)
-    except (ValueError, OSError) as err:
-        failure = err
-    raise_if_any_failed(failure, f"resuming from {path}")
     assert found is not None
     if cfg.max_steps is not None and found.position.step > cfg.max_steps and is_main_process():
         warnings.warn(f"The checkpoint is at step {found.position.step}, beyond max_steps={cfg.max_steps}: nothing "

@@ -20,6 +20,12 @@ def make_site_problem(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, to
     return x, y, s
 
 
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest |difference| between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def loader_of(x: torch.Tensor, attrs: torch.Tensor, batch_size: int = 128, shuffle: bool = True) -> DataLoader:
     return DataLoader(TensorDataset(x, attrs), batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import loader_of, make_site_problem
+from conftest import loader_of, make_site_problem, max_abs_diff
 from dmm_wrap import Attribute, DebiasedEncoder
 from dmm_wrap.checkpoint import Checkpointer, capture_rng, restore_rng
 from dmm_wrap.cli import main
@@ -44,11 +44,6 @@ def _loader() -> DataLoader:
 def _fit(model: DebiasedEncoder, folder: Path, steps: int, **options) -> object:
     return model.fit(_loader(), epochs=100, max_steps=steps, estimator_steps=2, stats_batches=3, progress=False,
                      checkpoint_dir=str(folder), checkpoint_every=5, **options)
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -106,7 +101,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path:
     assert _checkpoint_steps(tmp_path / "checkpoints") == [10, 5]  # killed during step 12: periodic ones only
     _resume(tmp_path)
     # Same data order, same RNG draws for the noise augmentation, same optimiser state: the same weights.
-    assert _max_diff(load_file(tmp_path / "heads.safetensors"), uninterrupted[0]) == 0.0
+    assert max_abs_diff(load_file(tmp_path / "heads.safetensors"), uninterrupted[0]) == 0.0
 
 
 @pytest.mark.parametrize("workers, group", [(0, False), (2, True)], ids=["process", "group-with-workers"])
@@ -120,7 +115,7 @@ def test_sigterm_writes_a_checkpoint_after_the_current_step_then_resumes(uninter
     assert _checkpoint_steps(tmp_path / "checkpoints") == [GATE + 1, 10]
     assert not list((tmp_path / "checkpoints").glob(".checkpoint-*"))  # no temporary file left behind
     _resume(tmp_path, workers)
-    assert _max_diff(load_file(tmp_path / "heads.safetensors"), uninterrupted[workers]) == 0.0
+    assert max_abs_diff(load_file(tmp_path / "heads.safetensors"), uninterrupted[workers]) == 0.0
 
 
 def test_resume_in_process_matches_and_counts_steps(tmp_path: Path) -> None:
@@ -131,11 +126,11 @@ def test_resume_in_process_matches_and_counts_steps(tmp_path: Path) -> None:
     _fit(resumed, tmp_path / "b", 12)
     history = _fit(resumed, tmp_path / "b", 23, resume=True)
     assert history.steps_done == 23 and history.step == list(range(23))
-    assert _max_diff(resumed.heads.state_dict(), full.heads.state_dict()) == 0.0
+    assert max_abs_diff(resumed.heads.state_dict(), full.heads.state_dict()) == 0.0
     # Already at max_steps: resuming trains nothing and changes nothing.
     again = _model()
     history = _fit(again, tmp_path / "b", 23, resume=True)
-    assert history.steps_done == 23 and _max_diff(again.heads.state_dict(), full.heads.state_dict()) == 0.0
+    assert history.steps_done == 23 and max_abs_diff(again.heads.state_dict(), full.heads.state_dict()) == 0.0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -159,7 +154,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, da
     with pytest.warns(UserWarning, match=f"Skipping checkpoint {newest.name}"):
         history = _fit(resumed, tmp_path / "run", 20, resume=True)
     assert history.steps_done == 20 and history.step == list(range(20))
-    assert _max_diff(resumed.heads.state_dict(), reference.heads.state_dict()) == 0.0
+    assert max_abs_diff(resumed.heads.state_dict(), reference.heads.state_dict()) == 0.0
     # The damaged file is kept aside for inspection, out of the rotation of the newest two.
     assert (tmp_path / "run" / f"{newest.name}.corrupt").is_file()
     assert _checkpoint_steps(tmp_path / "run") == [20, 15]
@@ -168,6 +163,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, da
 def test_resume_errors_and_fresh_runs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         _model().fit(_loader(), max_steps=2, progress=False, resume=True)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):  # before any training step is spent
+        _fit(_model(), tmp_path / "a-file", 3)
     with pytest.warns(UserWarning, match="holds no checkpoint; starting from scratch"):
         assert _fit(_model(), tmp_path / "empty", 3, resume=True).steps_done == 3
 
@@ -210,7 +208,7 @@ def test_other_process_count_and_failed_writes_are_reported(tmp_path: Path, monk
     monkeypatch.setattr(Checkpointer, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
         _fit(model, tmp_path / "full", 6)
-    assert _max_diff(model.heads.state_dict(), before) == 0.0  # fit is all-or-nothing
+    assert max_abs_diff(model.heads.state_dict(), before) == 0.0  # fit is all-or-nothing
 
 
 def test_persistent_workers_are_warned_about(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import max_abs_diff
 from dmm_wrap.data import SyntheticDigits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +44,6 @@ def _single(*args: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def test_two_gloo_ranks_agree_and_match_one_process_with_the_global_batch(tmp_path: Path) -> None:
     _torchrun(2, str(SCRIPT), "--out", str(tmp_path / "ddp"), "--batch-size", "32")
     _single(str(SCRIPT), "--out", str(tmp_path / "one"), "--batch-size", "64")
@@ -56,10 +52,10 @@ def test_two_gloo_ranks_agree_and_match_one_process_with_the_global_batch(tmp_pa
     one = load_file(tmp_path / "one" / "heads-rank0.safetensors")
     small = load_file(tmp_path / "small" / "heads-rank0.safetensors")
 
-    assert _max_diff(rank0, rank1) == 0.0  # DDP: both ranks apply the same averaged gradients
-    assert _max_diff(rank0, one) < TOLERANCE
+    assert max_abs_diff(rank0, rank1) == 0.0  # DDP: both ranks apply the same averaged gradients
+    assert max_abs_diff(rank0, one) < TOLERANCE
     # Negative control: the per-rank batch alone is a different run, far outside the tolerance.
-    assert _max_diff(rank0, small) > 100 * TOLERANCE
+    assert max_abs_diff(rank0, small) > 100 * TOLERANCE
 
     histories = [json.loads((tmp_path / d / "history-rank0.json").read_text()) for d in ("ddp", "one")]
     assert histories[0]["steps_done"] == histories[1]["steps_done"] == 24
@@ -99,7 +95,7 @@ def test_signalled_two_rank_run_resumes_to_the_uninterrupted_result(tmp_path: Pa
     _torchrun(2, *common, "--out", str(part), "--checkpoint-dir", str(ckpt), "--resume")
     for r in (0, 1):
         resumed = load_file(part / f"heads-rank{r}.safetensors")
-        assert _max_diff(resumed, load_file(tmp_path / "full" / f"heads-rank{r}.safetensors")) == 0.0
+        assert max_abs_diff(resumed, load_file(tmp_path / "full" / f"heads-rank{r}.safetensors")) == 0.0
     history = json.loads((part / "history-rank0.json").read_text())
     assert history["steps_done"] == 28 and history["step"] == list(range(28))
 
@@ -111,7 +107,7 @@ def test_uneven_shards_end_each_epoch_together(tmp_path: Path) -> None:
     histories = [json.loads((tmp_path / f"history-rank{r}.json").read_text()) for r in (0, 1)]
     assert histories[0]["steps_done"] == histories[1]["steps_done"] == 30
     rank0, rank1 = (load_file(tmp_path / f"heads-rank{r}.safetensors") for r in (0, 1))
-    assert _max_diff(rank0, rank1) == 0.0
+    assert max_abs_diff(rank0, rank1) == 0.0
 
 
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path: Path) -> None:
