@@ -2,17 +2,20 @@
 
 Ratios (lower is better; absolute times are printed too, but only the ratios are comparable across machines):
 
-1. fit overhead  = `fit` hooked at --layer over N batches / the backbone's forward alone (torch.no_grad) over the
-                   same N batches. The stats pre-pass (stats_batches=1) is timed separately and left out of the
-                   ratio; the "whole fit call" line includes it, against N + 1 backbone forwards.
-2. early exit    = `fit` hooked at --early-layer over N batches / the full backbone forward over the same batches.
+1. fit overhead  = `fit` hooked at --layer over N batches (stats_batches=1), from the moment it starts reading the
+                   loader to its end / the backbone's forward alone (torch.no_grad) over the same N batches.
+2. early exit    = the same `fit` hooked at --early-layer / the full backbone forward over the same batches.
 3. stream memory = peak memory of `fit` on a stream 10x longer / on 1x, each in a fresh subprocess (peak RSS on
                    CPU, torch.cuda.max_memory_allocated on CUDA).
 4. inference     = DebiasedEncoder(x) and inference_module()(x) / the backbone truncated at --layer alone.
+5. whole fit call at the default stats_batches (32, more than N: the statistics pre-pass covers the whole stream)
+                 = everything `fit(...)` does, setup and statistics included, hooked at --layer / the backbone's
+                   forward over the same N batches; and hooked at --early-layer / the same full forward.
 
 Every stream is an IterableDataset that draws random batches on the fly (re-seeded on each pass, so every
 measurement sees the same batches); nothing is precomputed. Timings are interleaved over --repeats rounds and the
-median of each is used.
+median of each is used. `--clock cpu` times this process's CPU time instead of elapsed time, for a machine shared
+with other jobs (run it with OMP_NUM_THREADS=1).
 
 Example:
     python benchmarks/bench.py                                   # ResNet-18, 96x96, batch 128, CPU
@@ -43,31 +46,35 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmm_wrap import Attribute, DebiasedEncoder, create_backbone
+from dmm_wrap import Attribute, DebiasedEncoder, FitConfig, create_backbone
 from dmm_wrap.inference import truncate_backbone
 
 TARGETS = {"fit_overhead": ("<=", 1.10), "early_exit": ("<", 1.0), "stream_memory": ("<=", 1.05),
-           "inference_overhead": ("<=", 1.05), "inference_module_overhead": ("<=", 1.05)}
+           "inference_overhead": ("<=", 1.05), "inference_module_overhead": ("<=", 1.05),
+           "fit_call_default_stats": ("<=", 1.10), "early_exit_call_default_stats": ("<", 1.0)}
+DEFAULT_STATS_BATCHES = FitConfig().stats_batches
 ATTRIBUTES = [Attribute("site", "categorical", num_classes=3)]
 
 
 class RandomBatches(torch.utils.data.IterableDataset):
     """`batches` random (inputs [B, 3, S, S], attrs [B, 1]) batches, drawn on the fly; each pass repeats the same ones.
 
-    `pass_starts` records when each pass began, which splits a `fit` call into its stats pre-pass and its training
-    pass (with `input_size` given, fit iterates the loader exactly twice: statistics, then training).
+    `pass_starts` records when each pass began. With `input_size` given and one epoch, fit iterates the loader once:
+    its statistics pre-pass reads the first `stats_batches` batches of that pass, and training takes their features.
     """
 
-    def __init__(self, batches: int, batch_size: int, image_size: int, seed: int = 0) -> None:
+    def __init__(self, batches: int, batch_size: int, image_size: int, seed: int = 0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
         self.batches, self.batch_size, self.image_size, self.seed = batches, batch_size, image_size, seed
+        self.clock = clock
         self.pass_starts: list[float] = []
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self.pass_starts.append(time.perf_counter())
+        self.pass_starts.append(self.clock())
         gen = torch.Generator().manual_seed(self.seed)
         for _ in range(self.batches):
             x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=gen)
@@ -84,6 +91,10 @@ class Setup:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def now(self) -> float:
+        """Seconds on the clock chosen with --clock: elapsed time, or this process's CPU time."""
+        return time.process_time() if self.args.clock == "cpu" else time.perf_counter()
+
     def backbone(self) -> nn.Module:
         return create_backbone(f"torchvision:{self.args.arch}").to(self.device).eval()
 
@@ -92,26 +103,28 @@ class Setup:
         return DebiasedEncoder(backbone, layer, ATTRIBUTES, input_size=(3, s, s)).to(self.device)
 
     def stream(self, batches: int) -> RandomBatches:
-        return RandomBatches(batches, self.args.batch_size, self.args.image_size)
+        return RandomBatches(batches, self.args.batch_size, self.args.image_size, clock=self.now)
 
     def fit(self, model: DebiasedEncoder, stream: RandomBatches, **options: Any) -> tuple[float, float]:
-        """(training-pass seconds, whole fit call seconds) of one fit over `stream`, stats_batches=1."""
+        """(seconds from the start of the last pass over `stream`, whole fit call seconds) of one fit over `stream`,
+        stats_batches=1 unless given."""
+        options.setdefault("stats_batches", 1)
         self.sync()
-        t0 = time.perf_counter()
-        model.fit(stream, epochs=1, progress=False, stats_batches=1, device=str(self.device), **options)
+        t0 = self.now()
+        model.fit(stream, epochs=1, progress=False, device=str(self.device), **options)
         self.sync()
-        t1 = time.perf_counter()
+        t1 = self.now()
         return t1 - stream.pass_starts[-1], t1 - t0
 
     def forward(self, fn: Callable[[Tensor], Any], stream: RandomBatches, mode: Callable[[], Any]) -> float:
         """Seconds to run `fn` on every batch of `stream` under `mode` (no_grad / inference_mode)."""
         self.sync()
-        t0 = time.perf_counter()
+        t0 = self.now()
         with mode():
             for x, _ in stream:
                 fn(x.to(self.device, non_blocking=True))
         self.sync()
-        return time.perf_counter() - t0
+        return self.now() - t0
 
 
 def measure_times(setup: Setup) -> dict[str, list[float]]:
@@ -133,6 +146,8 @@ def measure_times(setup: Setup) -> dict[str, list[float]]:
         "fit_checkpoint_every_step": lambda: setup.fit(fit_model, stream, checkpoint_every=1,
                                                        checkpoint_dir=tempfile.mkdtemp(dir=checkpoints)),
         "fit_early": lambda: setup.fit(early_model, stream),
+        "fit_default_stats": lambda: setup.fit(fit_model, stream, stats_batches=DEFAULT_STATS_BATCHES),
+        "fit_early_default_stats": lambda: setup.fit(early_model, stream, stats_batches=DEFAULT_STATS_BATCHES),
         "trunk": lambda: setup.forward(trunk, stream, torch.inference_mode),
         "trunk_early": lambda: setup.forward(early_trunk, stream, torch.no_grad),
         "encoder_forward": lambda: setup.forward(fit_model, stream, torch.inference_mode),
@@ -161,8 +176,6 @@ def head_step_breakdown(setup: Setup, layer: str, rounds: int = 5) -> dict[str, 
     Mirrors the body of `dmm_wrap.trainer.train` (FitConfig defaults: 3 estimator steps, one h_theta step, loss
     recording every step) so the fit overhead can be attributed; it is not used by the ratios.
     """
-    from dmm_wrap.config import FitConfig
-
     cfg = FitConfig()
     model = setup.encoder(setup.backbone(), layer)
     heads = model.heads
@@ -176,13 +189,13 @@ def head_step_breakdown(setup: Setup, layer: str, rounds: int = 5) -> dict[str, 
 
     def tick(name: str, t0: float) -> float:
         setup.sync()
-        t1 = time.perf_counter()
+        t1 = setup.now()
         parts.setdefault(name, []).append(1000 * (t1 - t0))
         return t1
 
     for _ in range(rounds + 1):
         setup.sync()
-        t = time.perf_counter()
+        t = setup.now()
         with torch.no_grad():
             z = model.extractor(x).float()
         t = tick("backbone to layer", t)
@@ -257,6 +270,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 3; smoke 1)")
     p.add_argument("--memory-batches", type=int, default=None,
                    help="length of the 1x stream of ratio 3; the long one is 10x (default 3; smoke 1)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (time.process_time), steadier on a machine "
+                        "shared with other jobs. Use cpu with OMP_NUM_THREADS=1 (threads waiting at a barrier "
+                        "spin), and on CPU only")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -272,22 +289,25 @@ def ratio_rows(times: dict[str, list[float]], mem: dict[int, dict[str, float]], 
                ) -> list[dict[str, Any]]:
     med = {k: statistics.median(v) for k, v in times.items()}
     short, long = mem[args.memory_batches], mem[10 * args.memory_batches]
-    n = args.batches
     rows = [
-        ("fit_overhead", f"fit @{args.layer}, training pass / backbone forward (no_grad)", med["fit"],
+        ("fit_overhead", f"fit @{args.layer} from its first batch read / backbone forward (no_grad)", med["fit"],
          med["backbone_full"]),
-        ("early_exit", f"fit @{args.early_layer}, training pass / full backbone forward", med["fit_early"],
+        ("early_exit", f"fit @{args.early_layer} from its first batch read / full backbone forward", med["fit_early"],
          med["backbone_full"]),
+        ("fit_call_default_stats", f"whole fit call @{args.layer}, stats_batches={DEFAULT_STATS_BATCHES} / backbone "
+         "forward", med["fit_default_stats_call"], med["backbone_full"]),
+        ("early_exit_call_default_stats", f"whole fit call @{args.early_layer}, stats_batches={DEFAULT_STATS_BATCHES}"
+         " / full backbone forward", med["fit_early_default_stats_call"], med["backbone_full"]),
         ("stream_memory", f"peak memory, fit on {10 * args.memory_batches} / {args.memory_batches} batches",
          long["peak_mb"], short["peak_mb"]),
         ("inference_overhead", f"DebiasedEncoder(x) / backbone truncated @{args.layer}", med["encoder_forward"],
          med["trunk"]),
         ("inference_module_overhead", f"inference_module()(x) / backbone truncated @{args.layer}",
          med["inference_module"], med["trunk"]),
-        ("early_exit_vs_trunk", f"fit @{args.early_layer}, training pass / backbone truncated @{args.early_layer}",
-         med["fit_early"], med["trunk_early"]),
-        ("fit_call_overhead", f"whole fit call @{args.layer} (incl. 1 stats batch) / {n + 1} backbone forwards",
-         med["fit_call"], med["backbone_full"] * (n + 1) / n),
+        ("early_exit_vs_trunk", f"fit @{args.early_layer} from its first batch read / backbone truncated "
+         f"@{args.early_layer}", med["fit_early"], med["trunk_early"]),
+        ("fit_call_overhead", f"whole fit call @{args.layer}, stats_batches=1 / backbone forward", med["fit_call"],
+         med["backbone_full"]),
         ("checkpoint_every_step", f"fit @{args.layer} writing a checkpoint after every step / fit without",
          med["fit_checkpoint_every_step"], med["fit"]),
     ]
@@ -320,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch.")
+    if args.device == "cuda" and args.clock == "cpu":
+        raise SystemExit("--clock cpu measures host CPU time, which misses the GPU's work; use --clock wall on cuda.")
     torch.manual_seed(0)
     setup = Setup(args, torch.device(args.device))
     if args.memory_child is not None:
@@ -358,14 +380,14 @@ def print_report(result: dict[str, Any]) -> None:
           f"CPU {m['cpu']} ({m['cpu_count']} cores)" + (f" | GPU {m['gpu']}" if "gpu" in m else ""))
     s = result["settings"]
     print(f"settings: {s['arch']} {s['image_size']}x{s['image_size']} batch {s['batch_size']} on {s['device']}, "
-          f"N={s['batches']} batches, {s['repeats']} interleaved repeats (medians), memory streams "
+          f"N={s['batches']} batches, {s['repeats']} interleaved repeats (medians), {s['clock']} clock, memory streams "
           f"{s['memory_batches']} vs {10 * s['memory_batches']} batches")
     print()
-    print(f"{'ratio':<27} {'value':>7}  {'target':>7}  {'met':>4}  {'numerator':>11}  {'denominator':>11}  what")
+    print(f"{'ratio':<29} {'value':>7}  {'target':>7}  {'met':>4}  {'numerator':>11}  {'denominator':>11}  what")
     for r in result["rows"]:
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
         value = f"{r['ratio']:.3f}" if math.isfinite(r["ratio"]) else str(r["ratio"])
-        print(f"{r['name']:<27} {value:>7}  {r['target'] or '-':>7}  {met:>4}  "
+        print(f"{r['name']:<29} {value:>7}  {r['target'] or '-':>7}  {met:>4}  "
               f"{r['numerator']:>9.3f}{r['unit']:>2}  {r['denominator']:>9.3f}{r['unit']:>2}  {r['what']}")
     print("\nrepeat spread (max - min) / median:", ", ".join(
         f"{k} {(max(v) - min(v)) / statistics.median(v):.1%}" for k, v in result["times_s"].items()))

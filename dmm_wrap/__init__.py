@@ -13,6 +13,19 @@ from .model import DebiasedEncoder  # noqa: E402
 from .pretrained import load_digits_encoder  # noqa: E402
 from .trainer import FitHistory  # noqa: E402
 
-__all__ = ["Attribute", "BackboneSpec", "DebiasedEncoder", "FitConfig", "FitHistory", "HeadConfig", "ImageCSVDataset",
-           "Preprocessing", "SYNTHETIC_ATTRIBUTES", "SyntheticDigits", "TrainingInterrupted", "__version__",
-           "camelyon17", "create_backbone", "distributed", "load_digits_encoder", "push_folder_to_hub"]
+_LAZY = {"audit": "leakage", "AuditConfig": "leakage", "AuditReport": "leakage"}
+"""Public names imported on first use: the audit needs scikit-learn, which `import dmm_wrap` does not load."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Attribute", "AuditConfig", "AuditReport", "BackboneSpec", "DebiasedEncoder", "FitConfig", "FitHistory",
+           "HeadConfig", "ImageCSVDataset", "Preprocessing", "SYNTHETIC_ATTRIBUTES", "SyntheticDigits",
+           "TrainingInterrupted", "__version__", "audit", "camelyon17", "create_backbone", "distributed",
+           "load_digits_encoder", "push_folder_to_hub"]

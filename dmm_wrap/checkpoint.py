@@ -288,7 +288,7 @@ class Checkpointer:
         return None
 
 
-_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll")
+_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll", "match")
 
 
 def _history_tensors(history: dict[str, Any]) -> dict[str, Tensor]:
@@ -302,7 +302,8 @@ def _history_tensors(history: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def _history_from_tensors(tensors: dict[str, Tensor], club_names: list[str], steps_done: int) -> dict[str, Any]:
-    history: dict[str, Any] = {k: tensors[f"history.{k}"].tolist() for k in _HISTORY_LISTS}
+    # a checkpoint written before a list existed resumes with that list empty
+    history: dict[str, Any] = {k: tensors[f"history.{k}"].tolist() for k in _HISTORY_LISTS if f"history.{k}" in tensors}
     history["club"] = {name: tensors[f"history.club.{name}"].tolist() for name in club_names}
     history["steps_done"] = steps_done
     return history

@@ -3,13 +3,17 @@
     dmm-wrap fit CONFIG [--output-dir DIR] [--max-steps N] [--resume] [--device D] [--set KEY=VALUE ...]
     torchrun --nproc-per-node N -m dmm_wrap fit CONFIG ...      (data-parallel; the same with --no-python dmm-wrap)
     dmm-wrap eval MODEL_DIR CONFIG [--output-dir DIR] [--device D] [--set KEY=VALUE ...]
+    dmm-wrap audit MODEL CONFIG [--output-dir DIR] [--device D] [--set KEY=VALUE ...]
+    dmm-wrap sweep CONFIG KEY=V1,V2,... [--output-dir DIR] [--max-steps N] [--device D] [--set KEY=VALUE ...]
     dmm-wrap push OUTPUT_DIR REPO_ID [--private] [--token T] [--revision BRANCH] [--create-pr]
 
 Every option is a config key (`--max-steps 5` is `--set fit.max_steps=5`; see `run_config.OPTION_KEYS`). A run
 writes, under output_dir: metrics.json, report.md, tsne.png, training_curves.png, history.json, config.yaml (the
 resolved config), model/ (save_pretrained) and checkpoints/ (SIGINT / SIGTERM write one and stop with status
-128 + signal; `--resume` continues). Under torchrun only rank 0 writes, evaluates and prints. Errors print one line to
-stderr and exit with status 2 (set DMM_WRAP_TRACEBACK=1 to see the traceback instead).
+128 + signal; `--resume` continues). Under torchrun only rank 0 writes, evaluates and prints. `audit` writes audit.json
+and audit.md (into the model folder itself unless --output-dir is given, so that its card shows the audit); `sweep`
+runs `fit` once per value, each in OUTPUT_DIR/KEY=VALUE, and writes sweep.json and sweep.png. Errors print one line
+to stderr and exit with status 2 (set DMM_WRAP_TRACEBACK=1 to see the traceback instead).
 """
 
 from __future__ import annotations
@@ -34,10 +38,14 @@ from .backbones import create_backbone
 from .checkpoint import TrainingInterrupted
 from .config import Attribute
 from .evaluate import Metrics, check_targets, compare_methods, extract_features
+from .hub import resolve_pretrained
 from .inference import Preprocessing
+from .leakage import audit
 from .model import DebiasedEncoder
 from .report import format_table, format_targets, plot_tsne, plot_training_curves, write_report
 from .run_config import OPTION_KEYS, ConfigError, RunConfig, load_run_config, parse_override, write_run_config
+from .serialization import CONFIG_NAME, read_config
+from .sweep import Sweep, SweepRun, parse_sweep, run_folders
 from .trainer import FitHistory
 
 EXIT_ERROR = 2
@@ -200,12 +208,19 @@ def _overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 def run_fit(args: argparse.Namespace) -> int:
     """Train, then (on rank 0 only) save, evaluate and report. Under torchrun every rank trains on its shard."""
     start = time.perf_counter()
-    cfg = load_run_config(args.config, _overrides(args))
+    fit_and_evaluate(load_run_config(args.config, _overrides(args)), start)
+    return 0
+
+
+def fit_and_evaluate(cfg: RunConfig, start: float) -> Metrics | None:
+    """The run of `dmm-wrap fit`: train, then on rank 0 save the model, evaluate, and write the report into
+    cfg.output_dir. Returns the metrics on rank 0, None on the other ranks of a torchrun job."""
     out = Path(cfg.output_dir)
     device = distributed.init_from_env(cfg.fit.device)
     main_process = distributed.is_main_process()
     fit_cfg = dataclasses.replace(cfg.fit, device=device, progress=cfg.fit.progress and main_process,
                                   checkpoint_dir=cfg.fit.checkpoint_dir or str(out / "checkpoints"))
+    metrics = None
     try:
         with cpu_threads(cfg.num_threads):
             data = build_data(cfg, distributed.rank(), distributed.world_size())
@@ -220,10 +235,16 @@ def run_fit(args: argparse.Namespace) -> int:
                 out.mkdir(parents=True, exist_ok=True)
                 model.save_pretrained(out / "model")
                 (out / "history.json").write_text(json.dumps(history.as_dict()) + "\n")
-                evaluate_run(cfg, model, data, out, start, history)
+                metrics = evaluate_run(cfg, model, data, out, start, history)
     finally:
         distributed.shutdown(sync=False)  # after an error (another rank may never arrive); no-op otherwise
-    return 0
+    return metrics
+
+
+def _check_attributes_match(model: DebiasedEncoder, data: RunData) -> None:
+    if [a.name for a in model.attributes] != [a.name for a in data.attributes]:
+        raise ValueError(f"The model removes {[a.name for a in model.attributes]} but the config's data has "
+                         f"{[a.name for a in data.attributes]}; use the config it was trained with.")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -235,17 +256,76 @@ def run_eval(args: argparse.Namespace) -> int:
         if cfg.fit.device is not None:
             model.to(cfg.fit.device)
         data = build_data(cfg)
-        if [a.name for a in model.attributes] != [a.name for a in data.attributes]:
-            raise ValueError(f"The model removes {[a.name for a in model.attributes]} but the config's data has "
-                             f"{[a.name for a in data.attributes]}; evaluate it with the config it was trained with.")
+        _check_attributes_match(model, data)
         out.mkdir(parents=True, exist_ok=True)
         evaluate_run(cfg, model, data, out, start, None)
     return 0
 
 
-def _add_run_options(parser: argparse.ArgumentParser, max_steps: bool) -> None:
+def run_audit(args: argparse.Namespace) -> int:
+    """Audit a saved model's raw and debiased features on the config's data: probes fitted on the training data,
+    scored on the test data; write audit.json and audit.md and print the table."""
+    start = time.perf_counter()
+    overrides = _overrides(args)
+    cfg = load_run_config(args.config, overrides)
+    folder = resolve_pretrained(args.model)
+    # A local model folder keeps its audit (its card then shows it); a Hub model's cached snapshot is not ours.
+    into_model = Path(args.model).is_dir() and not any(key == "output_dir" for key, _ in overrides)
+    out = folder if into_model else Path(cfg.output_dir)
+    with cpu_threads(cfg.num_threads):
+        model = DebiasedEncoder.from_pretrained(folder)
+        if cfg.fit.device is not None:
+            model.to(cfg.fit.device)
+        data = build_data(cfg)
+        _check_attributes_match(model, data)
+        report = audit(model, data.train_eval, test_loader=data.test, config=cfg.audit, probes=cfg.eval)
+        source = {"source": str(args.model), "weights_sha256": read_config(folder / CONFIG_NAME).get("weights_sha256")}
+        report = dataclasses.replace(report, model=source, wall_seconds=time.perf_counter() - start)
+        report.write(out)
+    print(report.format_table())
+    print()
+    for name, verdict in report.verdicts().items():
+        print(f"{name}: {verdict}")
+    print(f"\nWall time {report.wall_seconds:.1f} s. audit.json and audit.md in {out}/")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Run `fit` (training, evaluation, report) once per value of one key, then write sweep.json and sweep.png."""
+    start = time.perf_counter()
+    if distributed.launched_by_torchrun():
+        raise ValueError("dmm-wrap sweep runs its fits one after the other in one process; under torchrun, launch "
+                         "one `dmm-wrap fit --set KEY=VALUE` job per value instead.")
+    spec = parse_sweep(args.sweep)
+    overrides = _overrides(args)
+    if any(key == spec.key for key, _ in overrides):
+        raise ConfigError(f"{spec.key}: both swept and set by an option; drop one of them.")
+    out = Path(load_run_config(args.config, overrides).output_dir)
+    folders = run_folders(spec)
+    # Every run's config is checked before the first one starts: a bad value fails now, not after hours.
+    configs = [load_run_config(args.config, [*overrides, (spec.key, value), ("output_dir", str(out / folder))])
+               for value, folder in zip(spec.values, folders)]
+    if configs[0].data.kind == "image_csv" and configs[0].data.label_column is None:
+        raise ConfigError("data.label_column: the sweep's figure puts task accuracy on x, which needs task labels.")
+    sweep = Sweep(spec.key, spec.values)
+    for i, (value, cfg) in enumerate(zip(spec.values, configs)):
+        print(f"== sweep {i + 1}/{len(configs)}: {spec.key}={value!r} -> {cfg.output_dir}", flush=True)
+        metrics = fit_and_evaluate(cfg, time.perf_counter())
+        assert metrics is not None  # one process: it is rank 0
+        sweep.runs.append(SweepRun(value, cfg.output_dir, metrics))
+        sweep.wall_seconds = time.perf_counter() - start
+        sweep.write(out)  # after every run, so that an interrupted sweep keeps the runs it finished
+        print()
+    print(f"Sweep of {spec.key}: task accuracy and MLP-probe leakage of DeepMinMax Z~ (raw Z and LEACE: first run)")
+    print(sweep.format_table())
+    print(f"\nWall time {sweep.wall_seconds:.1f} s. sweep.json and sweep.png in {out}/")
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser, max_steps: bool,
+                     output_help: str = "folder of the outputs (config key output_dir)") -> None:
     parser.add_argument("config", help="YAML run file (see configs/)")
-    parser.add_argument("--output-dir", metavar="DIR", help="folder of the outputs (config key output_dir)")
+    parser.add_argument("--output-dir", metavar="DIR", help=output_help)
     if max_steps:
         parser.add_argument("--max-steps", type=int, metavar="N", help="stop training after N steps (fit.max_steps)")
         parser.add_argument("--resume", action="store_true", default=None,
@@ -262,6 +342,26 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="folder written by save_pretrained (e.g. OUTPUT/model)")
     _add_run_options(parser, max_steps=False)
+
+
+def _audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="folder written by save_pretrained (e.g. OUTPUT/model), or a Hub repo id")
+    _add_run_options(parser, max_steps=False,
+                     output_help="folder of audit.json and audit.md (default: MODEL itself when it is a folder, so "
+                                 "that its model card shows the audit; else the config's output_dir)")
+
+
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run file (see configs/)")
+    parser.add_argument("sweep", metavar="KEY=V1,V2,...",
+                        help="the config key to vary and its values, e.g. fit.lam=0.2,0.5,0.8 (or a YAML list: "
+                             "'eval.mlp_hidden=[[64], [128, 128]]')")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="folder of sweep.json and sweep.png, with one run folder KEY=VALUE per value")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="stop each training after N steps (fit.max_steps)")
+    parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (fit.device)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any other config key in every run, e.g. --set fit.epochs=10 (repeatable)")
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -301,6 +401,10 @@ class Command(NamedTuple):
 COMMANDS: list[Command] = [
     Command("fit", "train the heads on a frozen backbone, evaluate, and write the report", _fit_arguments, run_fit),
     Command("eval", "evaluate a saved model against raw features and LEACE", _eval_arguments, run_eval),
+    Command("audit", "measure how well each attribute can still be decoded from a saved model's features",
+            _audit_arguments, run_audit),
+    Command("sweep", "fit and evaluate once per value of one key; plot task accuracy against leakage",
+            _sweep_arguments, run_sweep),
     Command("push", "push a trained model (and its metrics) to the Hugging Face Hub", _push_arguments, run_push),
 ]
 """The subcommands, in --help order; a new one is one more entry."""
@@ -345,4 +449,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["main", "build_parser", "COMMANDS", "Command", "RunData", "build_data", "build_model", "evaluate_run"]
+__all__ = ["main", "build_parser", "COMMANDS", "Command", "RunData", "build_data", "build_model", "evaluate_run",
+           "fit_and_evaluate"]

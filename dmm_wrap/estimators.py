@@ -27,6 +27,26 @@ def bounded(raw: Tensor, low: float, high: float) -> Tensor:
     return low + (high - low) * torch.sigmoid(raw)
 
 
+class Residual(nn.Module):
+    """x + body(x), with the body's last layer zeroed so that the map starts as the identity.
+
+    h_theta then moves Z only as far as the objective asks. Among the maps that make the groups look alike, training
+    from the identity finds one of least movement, and least movement is what decides which content of one group is
+    matched with which content of another (an objective that only asks for Z~ independent of B is indifferent to it).
+    """
+
+    def __init__(self, body: nn.Sequential) -> None:
+        super().__init__()
+        last = body[-1]
+        assert isinstance(last, nn.Linear) and last.in_features and last.out_features
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
 class CategoricalCLUB(nn.Module):
     """CLUB for a categorical attribute: q(b | z~) is a softmax classifier.
 
@@ -145,4 +165,4 @@ class ConditionalGaussian(nn.Module):
         return per_sample.mean()
 
 
-__all__ = ["mlp", "CategoricalCLUB", "GaussianCLUB", "ConditionalGaussian"]
+__all__ = ["mlp", "Residual", "CategoricalCLUB", "GaussianCLUB", "ConditionalGaussian"]

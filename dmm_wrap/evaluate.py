@@ -2,7 +2,9 @@
 
 Features are extracted batch by batch and only the evaluation sets are held in memory. Every probe is trained on the
 train features and scored on held-out test features, so leakage means "B can be decoded from features the probe
-never saw", not "the probe can memorise B".
+never saw", not "the probe can memorise B". Categorical leakage is balanced accuracy (chance 1/K whatever the class
+frequencies), continuous leakage R^2 (0 for the mean). The probes and the verdict rule here are shared with the
+user-facing leakage audit (`dmm_wrap.leakage`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -21,7 +23,7 @@ import torch
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import r2_score
+from sklearn.metrics import balanced_accuracy_score, r2_score
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -31,7 +33,7 @@ from .model import DebiasedEncoder
 from .trainer import attrs_tensor, split_batch
 
 Method = Literal["raw", "leace", "dmm"]
-LeakageMetric = Literal["accuracy", "r2"]
+LeakageMetric = Literal["balanced_accuracy", "r2"]
 
 METHODS: tuple[Method, ...] = ("raw", "leace", "dmm")
 """Evaluated feature sets, in report order: raw Z, LEACE-erased Z, DeepMinMax Z~."""
@@ -41,7 +43,7 @@ TASK_GAIN = 0.02
 MAX_R2 = 0.10
 """Target: MLP-probe R^2 of every continuous attribute on Z~ at most this."""
 CHANCE_MARGIN = 0.05
-"""Target: MLP-probe accuracy of every categorical attribute on Z~ at most chance + this."""
+"""Target: MLP-probe balanced accuracy of every categorical attribute on Z~ at most chance + this."""
 SMOKE_STEPS = 100
 """A run with fit.max_steps below this is a smoke run, evaluated on at most `EvalConfig.smoke_samples` samples."""
 
@@ -117,13 +119,25 @@ class Leakage:
     """How well one attribute can be decoded from held-out features."""
 
     metric: LeakageMetric
-    """"accuracy" for a categorical attribute, "r2" for a continuous one."""
+    """"balanced_accuracy" for a categorical attribute, "r2" for a continuous one."""
     chance: float | None
-    """Majority-class frequency in the test set (categorical); None for continuous (R^2 of the mean is 0)."""
+    """1/K for K classes in the test labels (categorical: the balanced accuracy of any prediction made without
+    looking at the features); None for continuous (R^2 of the mean is 0)."""
     linear: float
     """Score of a linear probe (logistic regression / ridge)."""
     mlp: float
     """Score of a freshly trained MLP probe."""
+
+    def threshold(self, margin: float = CHANCE_MARGIN, max_r2: float = MAX_R2) -> float:
+        """The MLP-probe score at or below which the attribute counts as removed: chance + `margin`, or `max_r2`."""
+        if self.metric == "r2":
+            return max_r2
+        assert self.chance is not None
+        return self.chance + margin
+
+    def removed(self, margin: float = CHANCE_MARGIN, max_r2: float = MAX_R2) -> bool:
+        """Whether a freshly trained MLP probe reads the attribute no better than `threshold(margin, max_r2)`."""
+        return self.mlp <= self.threshold(margin, max_r2)
 
 
 @dataclass(frozen=True)
@@ -184,7 +198,53 @@ class TargetRow(NamedTuple):
     met: bool
 
 
+class Collected(NamedTuple):
+    """What `collect_batches` read from a loader, as numpy arrays."""
+
+    views: dict[str, np.ndarray]
+    """Each named feature set [N, D] (float32); empty when no features were computed."""
+    attrs: np.ndarray
+    """Attributes [N, A] (float32; class ids in categorical columns)."""
+    labels: np.ndarray
+    """Task labels [N] (int64); -1 where the batches carry none."""
+
+
 # --------------------------------------------------------------------------- features
+def collect_batches(loader: Iterable, attributes: Sequence[Attribute],
+                    encode: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None,
+                    device: torch.device | str = "cpu", max_samples: int | None = None) -> Collected:
+    """Run `encode` on the inputs of (up to `max_samples` of) the batches of `loader`, under no_grad, and gather
+    its named outputs with the batches' validated attributes and task labels.
+
+    Batches are `(inputs, attrs)` or `(inputs, attrs, labels, ...)`; without labels, labels are -1. With
+    `encode=None` only attributes and labels are read (the inputs are not touched).
+    """
+    views: dict[str, list[torch.Tensor]] = {}
+    attrs, labels = [], []
+    count = 0
+    with torch.no_grad():
+        for batch_idx, batch in enumerate(loader):
+            if max_samples is not None and count >= max_samples:
+                break
+            inputs, b = split_batch(batch, batch_idx)
+            n = len(inputs)
+            take = n if max_samples is None else min(n, max_samples - count)
+            attrs.append(attrs_tensor(b, tuple(attributes), n, batch_idx)[:take])
+            y = batch[2] if isinstance(batch, (tuple, list)) and len(batch) > 2 else None
+            labels.append((torch.full((take,), -1) if y is None else torch.as_tensor(y).reshape(-1)[:take]).long())
+            if encode is not None:
+                for name, z in encode(inputs[:take].to(device)).items():
+                    z = z.reshape(take, -1).float()
+                    if not torch.isfinite(z).all():
+                        raise ValueError(f"Batch {batch_idx}: the {name} features contain NaN or infinite values.")
+                    views.setdefault(name, []).append(z.cpu())
+            count += take
+    if count == 0:
+        raise ValueError("The evaluation loader produced no batch. Check the dataset and drop_last.")
+    return Collected({name: torch.cat(zs).numpy() for name, zs in views.items()}, torch.cat(attrs).numpy(),
+                     torch.cat(labels).numpy())
+
+
 def extract_features(model: DebiasedEncoder, loader: Iterable, max_samples: int | None = None) -> FeatureSet:
     """Raw Z and debiased Z~ of (up to `max_samples` of) the batches of `loader`, with their attributes and labels.
 
@@ -193,33 +253,18 @@ def extract_features(model: DebiasedEncoder, loader: Iterable, max_samples: int 
     Example:
         >>> test = extract_features(encoder, test_loader, max_samples=2000)
     """
-    device = model.device
-    raw, debiased, attrs, labels = [], [], [], []
-    count = 0
+
+    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = model.features(x)
+        return {"raw": z, "debiased": model.debias(z)}
+
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for batch_idx, batch in enumerate(loader):
-                if max_samples is not None and count >= max_samples:
-                    break
-                inputs, b = split_batch(batch, batch_idx)
-                take = len(inputs) if max_samples is None else min(len(inputs), max_samples - count)
-                b = attrs_tensor(b, model.attributes, len(inputs), batch_idx)[:take]
-                y = batch[2] if isinstance(batch, (tuple, list)) and len(batch) > 2 else None
-                y = torch.full((take,), -1) if y is None else torch.as_tensor(y).reshape(-1)[:take]
-                z = model.features(inputs[:take].to(device))
-                raw.append(z.cpu())
-                debiased.append(model.debias(z).cpu())
-                attrs.append(b)
-                labels.append(y.long())
-                count += take
+        got = collect_batches(loader, model.attributes, encode, model.device, max_samples)
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError("The evaluation loader produced no batch. Check the dataset and drop_last.")
-    return FeatureSet(torch.cat(raw).numpy(), torch.cat(debiased).numpy(), torch.cat(attrs).numpy(),
-                      torch.cat(labels).numpy())
+    return FeatureSet(got.views["raw"], got.views["debiased"], got.attrs, got.labels)
 
 
 def encode_attributes(attrs: np.ndarray, attributes: Sequence[Attribute]) -> np.ndarray:
@@ -251,17 +296,27 @@ def apply_eraser(eraser: Any, features: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- probes
-def _classifier_accuracy(model: Any, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                         y_test: np.ndarray) -> float:
+def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(y_pred == y_true))
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    with warnings.catch_warnings():  # predicting a class absent from y_true is allowed (it scores 0 recall)
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y_true, y_pred))
+
+
+def _classifier_score(model: Any, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                      score: Callable[[np.ndarray, np.ndarray], float] = _accuracy) -> float:
     classes = np.unique(y_train)
     if len(classes) < 2:  # nothing to learn: the probe can only predict the one class it saw
-        return float(np.mean(y_test == classes[0]))
+        return score(y_test, np.full_like(y_test, classes[0]))
     counts = np.unique(y_train, return_counts=True)[1]
     key = "mlpclassifier__early_stopping"
     if key in model.get_params() and (counts.min() < 2 or 0.1 * len(y_train) < len(classes)):
         model.set_params(**{key: False})  # its stratified validation split needs >= 2 samples of every class
     model.fit(x_train, y_train)
-    return float(np.mean(model.predict(x_test) == y_test))
+    return score(y_test, model.predict(x_test))
 
 
 def _linear_classifier(cfg: EvalConfig) -> Pipeline:
@@ -282,19 +337,23 @@ def task_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, 
     keep_train, keep_test = train_y >= 0, test_y >= 0
     if not keep_train.any() or not keep_test.any():
         return None
-    return _classifier_accuracy(_linear_classifier(cfg), train_x[keep_train], train_y[keep_train],
-                                test_x[keep_test], test_y[keep_test])
+    return _classifier_score(_linear_classifier(cfg), train_x[keep_train], train_y[keep_train],
+                             test_x[keep_test], test_y[keep_test])
 
 
 def attribute_leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarray, test_b: np.ndarray,
                       attribute: Attribute, cfg: EvalConfig) -> Leakage:
-    """Linear and MLP probes of one attribute, trained on the train features and scored on the test features."""
+    """Linear and MLP probes of one attribute, trained on the train features and scored on the test features.
+
+    Categorical: balanced accuracy (the mean recall over the classes of the test labels), chance 1/K. Continuous:
+    R^2 (0 for the mean, negative when worse).
+    """
     if attribute.kind == "categorical":
         y_train, y_test = train_b.astype(np.int64), test_b.astype(np.int64)
-        chance = float(np.bincount(y_test).max() / len(y_test))
-        linear = _classifier_accuracy(_linear_classifier(cfg), train_x, y_train, test_x, y_test)
-        mlp = _classifier_accuracy(_mlp(cfg, regression=False), train_x, y_train, test_x, y_test)
-        return Leakage("accuracy", chance, linear, mlp)
+        chance = 1.0 / len(np.unique(y_test))
+        linear = _classifier_score(_linear_classifier(cfg), train_x, y_train, test_x, y_test, _balanced_accuracy)
+        mlp = _classifier_score(_mlp(cfg, regression=False), train_x, y_train, test_x, y_test, _balanced_accuracy)
+        return Leakage("balanced_accuracy", chance, linear, mlp)
     y_train, y_test = train_b.astype(np.float64), test_b.astype(np.float64)
     ridge = make_pipeline(StandardScaler(), Ridge(alpha=cfg.ridge_alpha))
     linear = float(r2_score(y_test, ridge.fit(train_x, y_train).predict(test_x)))
@@ -302,15 +361,22 @@ def attribute_leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarr
     return Leakage("r2", None, linear, mlp)
 
 
+def probe_leakage(train_x: np.ndarray, train_attrs: np.ndarray, test_x: np.ndarray, test_attrs: np.ndarray,
+                  attributes: Sequence[Attribute], cfg: EvalConfig) -> dict[str, Leakage]:
+    """`attribute_leakage` of every attribute (columns of the attribute arrays, in order), by name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped by max_iter still measures leakage
+        return {a.name: attribute_leakage(train_x, train_attrs[:, k], test_x, test_attrs[:, k], a, cfg)
+                for k, a in enumerate(attributes)}
+
+
 def probe_method(train_x: np.ndarray, test_x: np.ndarray, train: FeatureSet, test: FeatureSet,
                  attributes: Sequence[Attribute], cfg: EvalConfig) -> MethodMetrics:
     """Task accuracy and the leakage of every attribute for one feature set."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped by max_iter still measures leakage
+        warnings.simplefilter("ignore", ConvergenceWarning)
         acc = task_accuracy(train_x, train.labels, test_x, test.labels, cfg)
-        leakage = {a.name: attribute_leakage(train_x, train.attrs[:, k], test_x, test.attrs[:, k], a, cfg)
-                   for k, a in enumerate(attributes)}
-    return MethodMetrics(acc, leakage)
+    return MethodMetrics(acc, probe_leakage(train_x, train.attrs, test_x, test.attrs, attributes, cfg))
 
 
 def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
@@ -360,8 +426,8 @@ def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterab
 def check_targets(metrics: Metrics) -> list[TargetRow]:
     """Compare DeepMinMax against the issue's targets.
 
-    Task: dmm accuracy >= raw + TASK_GAIN and >= LEACE's. Leakage by the MLP probe on Z~: R^2 <= MAX_R2 for
-    continuous attributes, accuracy <= chance + CHANCE_MARGIN for categorical ones.
+    Task: dmm accuracy >= raw + TASK_GAIN and >= LEACE's. Leakage by the MLP probe on Z~ (`Leakage.removed`):
+    R^2 <= MAX_R2 for continuous attributes, balanced accuracy <= chance + CHANCE_MARGIN for categorical ones.
     """
     rows: list[TargetRow] = []
     dmm = metrics.methods.get("dmm")
@@ -377,16 +443,13 @@ def check_targets(metrics: Metrics) -> list[TargetRow]:
             rows.append(TargetRow("dmm task accuracy >= leace", dmm.task_accuracy, leace.task_accuracy,
                                   dmm.task_accuracy >= leace.task_accuracy))
     for name, lk in dmm.leakage.items():
-        if lk.metric == "r2":
-            rows.append(TargetRow(f"dmm MLP-probe R2 of {name} <= {MAX_R2:g}", lk.mlp, MAX_R2, lk.mlp <= MAX_R2))
-        else:
-            assert lk.chance is not None
-            target = lk.chance + CHANCE_MARGIN
-            rows.append(TargetRow(f"dmm MLP-probe accuracy of {name} <= chance + {CHANCE_MARGIN:g}", lk.mlp, target,
-                                  lk.mlp <= target))
+        what = f"R2 of {name} <= {MAX_R2:g}" if lk.metric == "r2" else \
+            f"balanced accuracy of {name} <= chance + {CHANCE_MARGIN:g}"
+        rows.append(TargetRow(f"dmm MLP-probe {what}", lk.mlp, lk.threshold(), lk.removed()))
     return rows
 
 
-__all__ = ["EvalConfig", "FeatureSet", "Leakage", "MethodMetrics", "Metrics", "TargetRow", "METHODS",
-           "extract_features", "encode_attributes", "fit_leace", "apply_eraser", "task_accuracy",
-           "attribute_leakage", "compare_methods", "evaluate", "check_targets"]
+__all__ = ["EvalConfig", "FeatureSet", "Collected", "Leakage", "MethodMetrics", "Metrics", "TargetRow", "METHODS",
+           "CHANCE_MARGIN", "MAX_R2", "collect_batches", "extract_features", "encode_attributes", "fit_leace",
+           "apply_eraser", "task_accuracy", "attribute_leakage", "probe_leakage", "compare_methods", "evaluate",
+           "check_targets"]

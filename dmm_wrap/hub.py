@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .serialization import (CONFIG_NAME, METRICS_NAME, README_NAME, WEIGHTS_NAME, load_weights, plain_metrics,
-                            read_config, read_metrics, write_metrics)
+from .serialization import (AUDIT_NAME, CONFIG_NAME, METRICS_NAME, README_NAME, WEIGHTS_NAME, load_weights,
+                            plain_metrics, read_config, read_metrics, write_metrics)
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME, METRICS_NAME)
+UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME, METRICS_NAME, AUDIT_NAME)
 """The files of a saved folder that are downloaded and uploaded; anything else in the folder stays local."""
 
 DEFAULT_COMMIT_MESSAGE = "Upload DeepMinMax debiased encoder"
@@ -32,7 +32,8 @@ def resolve_pretrained(repo_id_or_dir: str | os.PathLike, *, revision: str | Non
     """Return the local folder that holds a saved model: the folder itself, or a Hub snapshot.
 
     A path-like object or an existing folder is used as is. A string that is not a folder is a repo id, fetched
-    with `huggingface_hub.snapshot_download` (only config.json, model.safetensors, README.md and metrics.json).
+    with `huggingface_hub.snapshot_download` (only config.json, model.safetensors, README.md, metrics.json and
+    audit.json).
     `local_files_only=True`, or HF_HUB_OFFLINE=1, reads the Hugging Face cache only.
 
     Example:
@@ -92,8 +93,9 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool
 
     The folder is checked first (our config.json, readable weights), so a bad folder creates nothing. Then the
     repo is created if needed (`exist_ok=True`), the branch `revision` too, and config.json, model.safetensors,
-    README.md and metrics.json are committed with one `upload_folder` call; other files stay local. A README.md left
-    as save_pretrained wrote it is uploaded with `repo_id` in its usage snippet; an edited one is uploaded as it is.
+    README.md, metrics.json and audit.json are committed with one `upload_folder` call; other files stay local. An
+    audit.json of other weights (its weights_sha256 differs) stays local too. A README.md left as save_pretrained
+    wrote it is uploaded with `repo_id` in its usage snippet; an edited one is uploaded as it is.
 
     Args:
         folder: the saved model folder (e.g. a training run's output directory).
@@ -147,10 +149,12 @@ def _stage(folder: Path, config: dict[str, Any], present: list[str], repo_id: st
            metrics: dict[str, Any] | None, staging: Path) -> tuple[Path, list[str]]:
     """The folder and files to upload: `folder` as it is, or a staging folder of links to its files with a new
     metrics.json (when `metrics` is given) and, when README.md is the card save_pretrained wrote (untouched), that
-    card rewritten with `repo_id` in its usage snippet and the metrics."""
+    card rewritten with `repo_id` in its usage snippet, the metrics and the audit."""
     old_metrics = load_metrics(folder)
-    untouched_card = (README_NAME in present
-                      and (folder / README_NAME).read_text() == model_card(config, old_metrics))
+    audit = load_audit(folder, config)
+    if audit is None and AUDIT_NAME in present:  # the audit of other weights: not uploaded
+        present = [name for name in present if name != AUDIT_NAME]
+    untouched_card = README_NAME in present and is_generated_card(folder, config, old_metrics, audit)
     if not untouched_card and metrics is None:
         return folder, present
     replaced = {README_NAME} if untouched_card else set()
@@ -165,7 +169,7 @@ def _stage(folder: Path, config: dict[str, Any], present: list[str], repo_id: st
                 shutil.copy2(folder / name, staging / name)
     if untouched_card:
         (staging / README_NAME).write_text(model_card(config, metrics if metrics is not None else old_metrics,
-                                                      repo_id))
+                                                      repo_id, audit))
     return staging, [name for name in UPLOAD_FILES if (staging / name).is_file()]
 
 
@@ -179,13 +183,16 @@ def check_folder(folder: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- model card
-def model_card(config: dict[str, Any], metrics: Mapping[str, Any] | None = None, repo_id: str | None = None) -> str:
-    """The README.md of a saved model: YAML metadata for the Hub, a description, the metrics and a usage snippet.
+def model_card(config: dict[str, Any], metrics: Mapping[str, Any] | None = None, repo_id: str | None = None,
+               audit: Mapping[str, Any] | None = None) -> str:
+    """The README.md of a saved model: YAML metadata for the Hub, a description, the metrics, the leakage audit (when
+    one is given) and a usage snippet.
 
     Args:
         config: the model's config.json content (`DebiasedEncoder.config_dict()`).
         metrics: {name: value}, nested mappings allowed; rendered as a table.
         repo_id: used in the usage snippet; None writes a placeholder.
+        audit: the content of an audit.json (`dmm_wrap.leakage.AuditReport.to_dict()`); None leaves the section out.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -247,7 +254,7 @@ Preprocessing: {pre_text}
 ## Metrics
 
 {_metrics_table(metrics)}
-
+{_audit_section(audit)}
 ## Usage
 
 ```python
@@ -298,10 +305,78 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _audit_section(audit: Mapping[str, Any] | None) -> str:
+    """The card's "Leakage audit" section: per attribute, each feature set's MLP-probe score and verdict."""
+    if not audit:
+        return ""
+    criteria, samples, features = audit["criteria"], audit["samples"], audit["features"]
+    views = list(features)
+    header = "| attribute | metric | chance | removed if MLP ≤ | " + " | ".join(f"{v}: MLP (verdict)" for v in views)
+    rows = []
+    for attr, first in features[views[0]].items():
+        chance = "-" if first["chance"] is None else _fmt(first["chance"])
+        cells = [f"`{attr}`", first["metric"].replace("_", " "), chance, _fmt(first["threshold"])]
+        cells += [f"{_fmt(features[v][attr]['mlp'])} ({features[v][attr]['verdict']})" for v in views]
+        rows.append("| " + " | ".join(cells) + " |")
+    return f"""
+## Leakage audit
+
+Probes trained on {samples['train']} samples and scored on {samples['test']} held-out ones ({audit['split']}). An
+attribute counts as removed when a freshly trained MLP probe reads it no better than chance + {criteria['margin']:g}
+(balanced accuracy, chance 1/K) or R² {criteria['max_r2']:g} (continuous). Details: `audit.json`.
+
+{header} |
+|{'---|' * (4 + len(views))}
+""" + "\n".join(rows) + "\n"
+
+
 def load_metrics(folder: Path) -> dict[str, Any] | None:
     """The metrics.json of a saved folder, if any."""
     return read_metrics(folder / METRICS_NAME)
 
 
-__all__ = ["resolve_pretrained", "push_folder_to_hub", "check_folder", "model_card", "load_metrics", "UPLOAD_FILES",
-           "DEFAULT_COMMIT_MESSAGE"]
+def load_audit(folder: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The audit.json of a saved folder when it audits the weights beside it (`config`'s weights_sha256); None when
+    there is none, or (with a warning) when it records other weights (the model was saved again since)."""
+    audit = read_metrics(folder / AUDIT_NAME)
+    if audit is None:
+        return None
+    audited = (audit.get("model") or {}).get("weights_sha256")
+    if audited is not None and audited != config.get("weights_sha256"):
+        logger.warning("%s audits other weights than the ones saved beside it; it is left out of the model card and "
+                       "of uploads. Run the audit again on the saved model.", folder / AUDIT_NAME)
+        return None
+    return audit
+
+
+def is_generated_card(folder: Path, config: dict[str, Any], metrics: Mapping[str, Any] | None,
+                      audit: Mapping[str, Any] | None) -> bool:
+    """Whether the folder's README.md is the card save_pretrained wrote (with or without `audit`), not edited."""
+    path = folder / README_NAME
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    return text == model_card(config, metrics) or (audit is not None and text == model_card(config, metrics,
+                                                                                            audit=audit))
+
+
+def card_with_audit(folder: Path, audit: Mapping[str, Any]) -> str | None:
+    """The README.md of the saved model in `folder` rewritten to carry `audit`; None when `folder` holds no saved
+    model, its card was edited by hand, or `audit` records other weights than the folder's."""
+    if not (folder / CONFIG_NAME).is_file():
+        return None
+    try:
+        config = read_config(folder / CONFIG_NAME)
+    except ValueError:  # another library's config.json: no card of ours to update
+        return None
+    audited = (audit.get("model") or {}).get("weights_sha256")
+    if audited is not None and audited != config.get("weights_sha256"):
+        return None
+    metrics = load_metrics(folder)
+    if not is_generated_card(folder, config, metrics, load_audit(folder, config)):
+        return None
+    return model_card(config, metrics, audit=audit)
+
+
+__all__ = ["resolve_pretrained", "push_folder_to_hub", "check_folder", "model_card", "load_metrics", "load_audit",
+           "is_generated_card", "card_with_audit", "UPLOAD_FILES", "DEFAULT_COMMIT_MESSAGE"]

@@ -19,14 +19,14 @@ from . import __version__
 from .backbones import BackboneSpec, build_backbone, create_backbone, describe_backbone, freeze
 from .config import Attribute, FitConfig, HeadConfig, Pooling, _known_keys, build_dataclass
 from .hooks import FeatureExtractor
-from .hub import DEFAULT_COMMIT_MESSAGE, load_metrics, model_card, push_folder_to_hub, resolve_pretrained
+from .hub import DEFAULT_COMMIT_MESSAGE, load_audit, load_metrics, model_card, push_folder_to_hub, resolve_pretrained
 from .inference import (InferenceModule, Preprocessing, as_preprocessing, default_preprocessing, export_onnx,
                         truncate_backbone)
 from .objective import DeepMinMax
 from .serialization import (CONFIG_NAME, FORMAT_VERSION, METRICS_NAME, MODEL_TYPE, README_NAME, WEIGHTS_NAME,
                             check_keys, check_weights_match_config, file_sha256, load_weights, plain_metrics,
                             read_config, require_keys, save_weights, write_atomically, write_config, write_metrics)
-from .trainer import FitHistory, train
+from .trainer import FitHistory, PrePass, train
 
 _HEADS_PREFIX = "heads."
 _CONFIG_KEYS = ("model_type", "format_version", "dmm_wrap_version", "weights_sha256", "backbone", "layer", "pool", "input_size",
@@ -254,7 +254,9 @@ class DebiasedEncoder(nn.Module):
 
         Args:
             loader: an iterable of batches (inputs [N, ...], attrs [N, num_attributes] float with class ids in
-                categorical columns) or (inputs, {name: tensor}). Re-iterated once per epoch.
+                categorical columns) or (inputs, {name: tensor}). Re-iterated once per epoch, so a one-pass
+                iterator (a generator) is refused. Each batch goes through the backbone once: the first
+                `stats_batches` give the standardisation statistics and are kept for training (see PrePass).
             epochs: passes over the loader; overrides `config.epochs`.
             config: a FitConfig; **options override its fields (lr, lam, max_steps, device, amp_dtype,
                 checkpoint_dir, checkpoint_every, resume, ...).
@@ -272,18 +274,19 @@ class DebiasedEncoder(nn.Module):
         if epochs is not None:
             base["epochs"] = epochs
         cfg = build_dataclass(FitConfig, base, "fit")
+        device = torch.device(cfg.device) if cfg.device is not None else self.device
+        prepass = PrePass(loader, self.attributes, self.extractor, cfg, device, self.head_config.standardize)
         if cfg.device is not None:
             self.to(cfg.device)
-        device = torch.device(cfg.device) if cfg.device is not None else self.device
         if self.heads is not None:
             self.heads.to(device)
         snapshot = copy.deepcopy(self.heads.state_dict()) if self.heads is not None else None
         try:
             if self.heads is None:
-                self._build_heads_from(loader, device, cfg)
+                self._build_heads_from(prepass)
             assert self.heads is not None
             self.heads.train()
-            return train(self.heads, loader, self.extractor, cfg, device)
+            return train(self.heads, loader, self.extractor, cfg, device, prepass)
         except BaseException:
             if snapshot is None:
                 self.heads = None
@@ -291,16 +294,14 @@ class DebiasedEncoder(nn.Module):
                 self.heads.load_state_dict(snapshot)
             raise
         finally:
+            prepass.close()
             if self.heads is not None:
                 self.heads.eval()
 
-    def _build_heads_from(self, loader: Iterable, device: torch.device, cfg: FitConfig) -> None:
-        from .trainer import iterate_batches
-
-        for z, _ in iterate_batches(loader, self.attributes, self.extractor, device, cfg.amp_dtype):
-            self._build_heads(int(z.shape[1]))
-            return
-        raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
+    def _build_heads_from(self, prepass: PrePass) -> None:
+        width = prepass.feature_dim()  # epoch 0's first batch, kept: the statistics and training reuse its features
+        with torch.random.fork_rng(devices=[]):  # initialising the heads must not shift the data's random draws,
+            self._build_heads(width)  # which a run resumed in epoch 0 replays without it
 
     # ----------------------------------------------------------------- saving
     def config_dict(self, *, heads_only: bool = False) -> dict[str, Any]:
@@ -338,6 +339,9 @@ class DebiasedEncoder(nn.Module):
             metrics: {name: value} written to metrics.json and shown in the card; None uses the metrics.json
                 already in `save_directory`, if any.
 
+        An audit.json already in `save_directory` (`dmm_wrap.audit`) is shown in the card while it audits the weights
+        written now (same sha256), and left out otherwise.
+
         Example:
             >>> enc.save_pretrained("runs/debiased-resnet18", metrics={"site_probe_accuracy": 0.35})
         """
@@ -348,14 +352,16 @@ class DebiasedEncoder(nn.Module):
         if heads_only:
             state = {k: v for k, v in state.items() if k.startswith(_HEADS_PREFIX)}
         new_metrics = plain_metrics(metrics) if metrics is not None else None
-        card = model_card(config, new_metrics if new_metrics is not None else load_metrics(Path(save_directory)))
+        card_metrics = new_metrics if new_metrics is not None else load_metrics(Path(save_directory))
 
         def writer(tmp: Path) -> None:
             if new_metrics is not None:
                 write_metrics(new_metrics, tmp / METRICS_NAME)
             save_weights(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "weights": config["weights"]})
-            (tmp / README_NAME).write_text(card)
-            write_config({**config, "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)}, tmp / CONFIG_NAME)
+            saved = {**config, "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)}
+            audit = load_audit(Path(save_directory), saved)  # shown only if it audits these very weights
+            (tmp / README_NAME).write_text(model_card(saved, card_metrics, audit=audit))
+            write_config(saved, tmp / CONFIG_NAME)
 
         return write_atomically(save_directory, writer)
 
@@ -408,7 +414,7 @@ class DebiasedEncoder(nn.Module):
         """Load a model written by `save_pretrained`, from a folder or a Hugging Face Hub repo.
 
         A path-like object or an existing folder loads directly. Any other string is a repo id, downloaded with
-        huggingface_hub (config.json, model.safetensors, README.md, metrics.json) into its cache; offline
+        huggingface_hub (config.json, model.safetensors, README.md, metrics.json, audit.json) into its cache; offline
         (HF_HUB_OFFLINE=1 or local_files_only=True) only the cache is read. timm and torchvision backbones are
         rebuilt by name; a custom backbone must be passed as `backbone=`. A heads-only save rebuilds the backbone
         with its pinned pretrained weights (a download) unless `backbone=` is given. Weights are read from

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Attribute, HeadConfig
-from .estimators import CategoricalCLUB, ConditionalGaussian, GaussianCLUB, mlp
+from .estimators import CategoricalCLUB, ConditionalGaussian, GaussianCLUB, Residual, mlp
+from .matching import default_projections, group_ids, random_directions, sliced_group_discrepancy
 
 
 class EstimatorLosses(NamedTuple):
@@ -26,13 +27,15 @@ class ThetaLosses(NamedTuple):
     """Losses of h_theta for one batch."""
 
     total: Tensor
-    """lam * debias + (1 - lam) * retain."""
+    """lam * debias + (1 - lam) * retain + match_weight * match."""
     debias: Tensor
     """L_d: CLUB upper bound of I(B; Z~), summed over attributes."""
     retain: Tensor
     """L_r: -log m_phi(Z | Z~, B)."""
     club: dict[str, Tensor]
     """CLUB estimate per attribute."""
+    match: Tensor
+    """Group-matching term: sliced Wasserstein distance of each attribute group's Z~ to the batch's (0 when off)."""
 
 
 class DeepMinMax(nn.Module):
@@ -49,7 +52,8 @@ class DeepMinMax(nn.Module):
         self.cfg = cfg
         out_dim = cfg.out_dim or feature_dim
         self.out_dim = out_dim
-        self.h = mlp(feature_dim, cfg.h_hidden or feature_dim, out_dim, cfg.h_layers)
+        h = mlp(feature_dim, cfg.h_hidden or feature_dim, out_dim, cfg.h_layers)
+        self.h = Residual(h) if cfg.residual else h
         q_hidden = cfg.q_hidden or feature_dim
         self.q = nn.ModuleDict({
             a.name: CategoricalCLUB(out_dim, q_hidden, a.num_classes, cfg.q_floor) if a.kind == "categorical"
@@ -103,15 +107,31 @@ class DeepMinMax(nn.Module):
         parts += [q.pair_sums(b[:, k]) for k, q in enumerate(self.q.values())]
         return torch.cat(parts)
 
+    def match_loss(self, z_tilde: Tensor, b: Tensor, step: int, projections: int | None, bins: int,
+                   gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The group-matching term on a batch (`dmm_wrap.matching`), with step `step`'s random directions.
+
+        Args:
+            gather: concatenates a tensor over data-parallel ranks, differentiably (default: this batch alone). The
+                directions are the same on every rank, so each rank computes the term of the global batch.
+        """
+        count = projections or default_projections(self.out_dim)
+        directions = random_directions(self.out_dim, count, step, z_tilde.device)
+        projected = z_tilde @ directions
+        if gather is not None:
+            projected, b = gather(projected), gather(b)
+        return sliced_group_discrepancy(projected, group_ids(b, self.attributes, bins), self.out_dim)
+
     def theta_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, lam: float, reduction: str,
-                     sums: Tensor | None = None, mean_over_ranks: Callable[[Tensor], Tensor] | None = None
-                     ) -> ThetaLosses:
+                     sums: Tensor | None = None, mean_over_ranks: Callable[[Tensor], Tensor] | None = None,
+                     match: Tensor | None = None, match_weight: float = 0.0) -> ThetaLosses:
         """Losses of h_theta on a batch.
 
         Args:
             sums: `pair_sums` of the batch the CLUB negatives come from (default: this batch).
             mean_over_ranks: maps this rank's value of the (detached) CLUB sum to its mean over ranks; the clamp
                 at 0 is then decided on the global value, as one process with the global batch would.
+            match: the batch's `match_loss` (None: the term is off), weighted by `match_weight`.
         """
         if sums is None:
             sums = self.pair_sums(b)
@@ -125,7 +145,12 @@ class DeepMinMax(nn.Module):
         overall = debias.detach() if mean_over_ranks is None else mean_over_ranks(debias.detach())
         debias = debias * (overall > 0)
         retain = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
-        return ThetaLosses(lam * debias + (1 - lam) * retain, debias, retain, club)
+        total = lam * debias + (1 - lam) * retain
+        if match is None:
+            match = total.new_zeros(())
+        else:
+            total = total + match_weight * match
+        return ThetaLosses(total, debias, retain, club, match)
 
     def estimator_parameters(self) -> list[nn.Parameter]:
         return list(self.q.parameters()) + list(self.m.parameters())

@@ -1,4 +1,4 @@
-"""The run report: a metrics table, the targets, a t-SNE figure and the training curves.
+"""The run report: a metrics table, the targets, a t-SNE figure, the training curves and the trade-off of a sweep.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas, never through pyplot, so no global backend is
 switched and nothing needs a display.
@@ -28,6 +28,16 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table whose columns are padded to their widest cell, so that it also reads as plain text."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
 def format_table(metrics: Metrics) -> str:
     """A Markdown table: one row per method, task accuracy then linear / MLP leakage per attribute, chance first.
 
@@ -38,7 +48,7 @@ def format_table(metrics: Metrics) -> str:
     first = metrics.methods[names[0]]
     header = ["method", "task acc"]
     for attr, lk in first.leakage.items():
-        unit = "acc" if lk.metric == "accuracy" else "R²"
+        unit = "R²" if lk.metric == "r2" else "bal. acc"
         header += [f"{attr} {unit} linear", f"{attr} {unit} MLP"]
     rows = [["chance", "—"] + [cell for lk in first.leakage.values() for cell in (_fmt(lk.chance),) * 2]]
     for name in names:
@@ -47,12 +57,7 @@ def format_table(metrics: Metrics) -> str:
         for lk in m.leakage.values():
             row += [_fmt(lk.linear), _fmt(lk.mlp)]
         rows.append(row)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return markdown_table(header, rows)
 
 
 def format_targets(rows: Sequence[TargetRow]) -> str:
@@ -71,8 +76,8 @@ def render_report(metrics: Metrics, targets: Sequence[TargetRow], figures: Seque
         f"# {title}",
         "",
         "Task accuracy: logistic regression on standardised features, trained on the train split, scored on the test "
-        "split. Leakage: probes trained on train features and scored on held-out test features (accuracy for "
-        "categorical attributes, chance = majority-class frequency; R² for continuous ones, 0 = no information).",
+        "split. Leakage: probes trained on train features and scored on held-out test features (balanced accuracy "
+        "for categorical attributes, chance = 1/K for K classes; R² for continuous ones, 0 = no information).",
         "",
         format_table(metrics),
         "",
@@ -201,5 +206,53 @@ def plot_training_curves(history: FitHistory, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["format_table", "format_targets", "render_report", "write_report", "embed_tsne", "plot_tsne",
-           "plot_training_curves", "METHOD_TITLES"]
+def plot_tradeoff(points: Sequence[tuple[str, Metrics]], path: str | os.PathLike, title: str = "") -> Path:
+    """Task accuracy (x) against the MLP-probe leakage of each attribute (y), one panel per attribute.
+
+    Each (label, metrics) of `points` is one DeepMinMax run, drawn as a labelled point and joined to the next one in
+    order; the raw features and LEACE of the same runs are drawn as reference points (once when the runs agree on
+    them, as runs on the same data do). A dotted line marks chance (R² 0 for a continuous attribute), a dashed one
+    the level at or below which the attribute counts as removed.
+
+    Example:
+        >>> plot_tradeoff([("lam=0.2", m02), ("lam=0.8", m08)], "runs/sweep/sweep.png")
+    """
+    if not points:
+        raise ValueError("plot_tradeoff needs at least one (label, metrics) point.")
+    for label, m in points:
+        if "dmm" not in m.methods or m.methods["dmm"].task_accuracy is None:
+            raise ValueError(f"Run {label!r} has no DeepMinMax task accuracy: the trade-off figure needs task labels "
+                             "in the evaluation data (e.g. data.label_column for image_csv).")
+    first = points[0][1].methods["dmm"]
+    attrs = list(first.leakage)
+    fig = _figure(1, len(attrs), (4.2, 3.6))
+    axes = fig.subplots(1, len(attrs), squeeze=False)[0]
+    for ax, attr in zip(axes, attrs):
+        xs = [m.methods["dmm"].task_accuracy for _, m in points]
+        ys = [m.methods["dmm"].leakage[attr].mlp for _, m in points]
+        ax.plot(xs, ys, "-o", color="C0", markersize=5, label=METHOD_TITLES["dmm"], zorder=3)
+        for (label, _), x, y in zip(points, xs, ys):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for method, marker, colour in (("raw", "s", "0.25"), ("leace", "^", "C1")):
+            refs = sorted({(m.methods[method].task_accuracy, m.methods[method].leakage[attr].mlp)
+                           for _, m in points if method in m.methods and m.methods[method].task_accuracy is not None})
+            if refs:
+                rx, ry = zip(*refs)
+                ax.scatter(rx, ry, marker=marker, color=colour, s=45, label=METHOD_TITLES[method], zorder=4)
+        lk = first.leakage[attr]
+        ax.axhline(lk.chance if lk.chance is not None else 0.0, color="0.5", linestyle=":", linewidth=1,
+                   label="chance (1/K, or R² 0)")
+        ax.axhline(lk.threshold(), color="C3", linestyle="--", linewidth=1, label="removed at or below")
+        ax.set_xlabel("task accuracy")
+        ax.set_ylabel("MLP-probe " + ("R²" if lk.metric == "r2" else "balanced accuracy"))
+        ax.set_title(attr, fontsize=10)
+    axes[0].legend(fontsize=7)  # the same entries in every panel
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+__all__ = ["format_table", "markdown_table", "format_targets", "render_report", "write_report", "embed_tsne", "plot_tsne",
+           "plot_training_curves", "plot_tradeoff", "METHOD_TITLES"]

@@ -1,7 +1,7 @@
 """The YAML run configuration of the CLI: typed sections, strict validation, and `--set KEY=VALUE` overrides.
 
-A run file has the sections `data`, `model`, `fit`, `eval` and the key `output_dir`. Every value is checked against
-the annotation of its dataclass field, and every error names the full key path, e.g.
+A run file has the sections `data`, `model`, `fit`, `eval`, `audit` and the key `output_dir`. Every value is checked
+against the annotation of its dataclass field, and every error names the full key path, e.g.
 "fit.lrr: unknown key; did you mean 'lr'?" or "fit.epochs: expected int, got str 'ten'".
 
 Example:
@@ -27,6 +27,7 @@ import yaml
 
 from .config import Attribute, FitConfig, HeadConfig, Pooling
 from .evaluate import EvalConfig
+from .leakage import AuditConfig
 from .inference import IMAGENET_MEAN, IMAGENET_STD
 
 DataKind = Literal["synthetic_digits", "image_csv", "camelyon17"]
@@ -171,7 +172,10 @@ class RunConfig:
     """Options of `DebiasedEncoder.fit` (epochs, max_steps, lr, lam, device, ...)."""
 
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Probe settings of the evaluation."""
+    """Probe settings of the evaluation (and of `dmm-wrap audit`)."""
+
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """Verdict criteria of `dmm-wrap audit` (margin over chance, max R^2)."""
 
     output_dir: str = "runs/dmm_wrap"
     """Folder of metrics.json, report.md, the figures, history.json, config.yaml and model/."""
@@ -392,7 +396,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, model, fit, eval), got {_got(values)}.")
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, fit, eval, audit), "
+                          f"got {_got(values)}.")
     return values
 
 

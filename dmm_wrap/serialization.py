@@ -1,5 +1,5 @@
-"""On-disk format: config.json + model.safetensors (+ README.md, metrics.json), written atomically, read strictly,
-never unpickled."""
+"""On-disk format: config.json + model.safetensors (+ README.md, metrics.json, audit.json), written atomically, read
+strictly, never unpickled."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 README_NAME = "README.md"
 METRICS_NAME = "metrics.json"
+AUDIT_NAME = "audit.json"
+"""The leakage audit of the saved weights (`dmm_wrap.leakage`), shown in the model card when present."""
 PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
 """Pickled checkpoints that are recognised only to refuse them: unpickling can run arbitrary code."""
 MODEL_TYPE = "dmm_wrap.DebiasedEncoder"
@@ -186,4 +188,4 @@ def check_keys(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path
 
 __all__ = ["write_atomically", "file_sha256", "check_weights_match_config", "save_weights", "load_weights", "read_config", "write_config", "check_keys",
            "write_metrics", "read_metrics", "plain_metrics", "require_keys", "CONFIG_NAME", "WEIGHTS_NAME",
-           "README_NAME", "METRICS_NAME", "PICKLE_NAMES", "MODEL_TYPE", "FORMAT_VERSION"]
+           "README_NAME", "METRICS_NAME", "AUDIT_NAME", "PICKLE_NAMES", "MODEL_TYPE", "FORMAT_VERSION"]

@@ -1,17 +1,18 @@
-"""Streamed training: each batch goes backbone -> hook -> heads and is dropped; no feature is ever cached."""
+"""Streamed training: each batch goes backbone -> hook -> heads once and is dropped; only the statistics pre-pass's
+first `stats_batches` batches of features are kept, until training takes them as the start of epoch 0."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import gc
-import itertools
 import math
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,15 @@ class FitHistory:
     step: list[int] = field(default_factory=list)
     """Index of the h_theta step (0-based, counting warm-up steps)."""
     loss: list[float] = field(default_factory=list)
-    """lam * L_d + (1 - lam) * L_r."""
+    """lam * L_d + (1 - lam) * L_r + match_weight * match."""
     debias: list[float] = field(default_factory=list)
     """L_d, the CLUB estimate of I(B; Z~) summed over attributes (nats)."""
     retain: list[float] = field(default_factory=list)
     """L_r, -log m_phi(Z | Z~, B)."""
     q_nll: list[float] = field(default_factory=list)
     """Fit loss of CLUB's q networks."""
+    match: list[float] = field(default_factory=list)
+    """Group-matching term: sliced Wasserstein distance of each attribute group's Z~ to the batch's (0 when off)."""
     club: dict[str, list[float]] = field(default_factory=dict)
     """CLUB estimate per attribute."""
     steps_done: int = 0
@@ -49,7 +52,7 @@ class FitHistory:
 
     def as_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loss": self.loss, "debias": self.debias, "retain": self.retain,
-                "q_nll": self.q_nll, "club": self.club, "steps_done": self.steps_done}
+                "q_nll": self.q_nll, "match": self.match, "club": self.club, "steps_done": self.steps_done}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitHistory:
@@ -160,9 +163,11 @@ def autocast(device: torch.device, dtype: str | None) -> contextlib.AbstractCont
 
 
 def iterate_batches(loader: Iterable, attributes: tuple[Attribute, ...], extract: Callable[[Tensor], Tensor],
-                    device: torch.device, amp_dtype: str | None, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (features, attrs) for each batch of one pass over `loader`, validated, on `device`; the first `skip`
-    batches are drawn from the loader but not run through the backbone (to resume mid-epoch)."""
+                    device: torch.device, amp_dtype: str | None,
+                    skip: int = 0) -> Generator[tuple[Tensor, Tensor], None, None]:
+    """Yield (features, attrs) for each batch of one pass over `loader` (or of the pass `loader` already is, when it
+    is an iterator), validated, on `device`; the first `skip` batches are drawn from the loader but not run through
+    the backbone (to resume mid-epoch)."""
     for batch_idx, batch in enumerate(loader):
         if batch_idx < skip:
             continue
@@ -177,20 +182,128 @@ def iterate_batches(loader: Iterable, attributes: tuple[Attribute, ...], extract
         yield z, b
 
 
-def estimate_statistics(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], Tensor],
-                        cfg: FitConfig, device: torch.device) -> None:
-    """Fill the standardisation buffers from a streamed pass over up to `cfg.stats_batches` batches."""
+EMPTY_LOADER = "The loader is empty: it produced no batch. Check the dataset and drop_last."
+
+
+def _compact(t: Tensor) -> Tensor:
+    """`t` in a storage of its own: a kept view (the class token of a sequence, say) would keep its whole base alive."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
+class PrePass:
+    """The first batches of epoch 0, read ahead of training: the first one sizes the heads, the first
+    `cfg.stats_batches` give the standardisation statistics, and training then takes their features as the first
+    batches of epoch 0 before the loader continues. Every batch thus goes through the backbone once.
+
+    Memory: at most `stats_batches` batches are kept, i.e. stats_batches x batch size x feature_dim floats of
+    features (plus the attributes) on the training device, released as training takes them. With
+    `stats_batches=None` the statistics need a whole epoch before the first step; keeping that would tie memory to
+    the data set's size, so that pre-pass is a pass of its own, dropped batch by batch, and epoch 0 then reads the
+    loader again (each batch goes through the backbone twice in epoch 0).
+
+    `rng` holds the RNG states from just before epoch 0's first batch was drawn (with checkpoints), so a run resumed
+    in epoch 0 replays the same data, pre-pass batches included. One-pass iterators are refused: fit reads the loader
+    once per epoch, and a resumed run reads it again.
+    """
+
+    def __init__(self, loader: Iterable, attributes: tuple[Attribute, ...], extract: Callable[[Tensor], Tensor],
+                 cfg: FitConfig, device: torch.device, standardize: bool) -> None:
+        if isinstance(loader, Iterator):
+            raise TypeError(
+                f"fit got a one-pass iterator ({type(loader).__name__}), which a second pass finds empty, but fit "
+                "reads the loader once per epoch and a resumed run reads it again. Pass a re-iterable loader: a "
+                "DataLoader, a list of batches, or an IterableDataset whose __iter__ starts a new pass."
+            )
+        self.loader, self.attributes, self.extract, self.device = loader, attributes, extract, device
+        self.amp_dtype = cfg.amp_dtype
+        self.stats_batches = cfg.stats_batches
+        self.record_rng = cfg.checkpoint_dir is not None
+        self.rng: dict[str, Any] = {}
+        """The RNG states at the start of epoch 0 (with checkpoints; empty otherwise)."""
+        self._separate = standardize and cfg.stats_batches is None  # the next pass opened is a statistics-only one
+        self._kept: deque[tuple[Tensor, Tensor]] = deque()
+        self._batches: Generator[tuple[Tensor, Tensor], None, None] | None = None
+
+    def __enter__(self) -> PrePass:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        _set_epoch(self.loader, 0)
+        if not self._separate and self.record_rng:
+            self.rng = capture_rng(self.loader)
+        with _workers_ignore_stop_signals(self.loader, self.record_rng):
+            batches = iter(self.loader)  # the loader's workers start here: they must ignore what training handles
+        self._batches = iterate_batches(batches, self.attributes, self.extract, self.device, self.amp_dtype)
+
+    def _read(self) -> bool:
+        """Run the next batch of the open pass through the backbone and keep it; False when the pass has ended."""
+        if self._batches is None:
+            self._open()
+        assert self._batches is not None
+        batch = next(self._batches, None)
+        if batch is None:
+            return False
+        self._kept.append((_compact(batch[0]), _compact(batch[1])))
+        return True
+
+    def feature_dim(self) -> int:
+        """The width of the features, from the first batch (read now and kept for the statistics and training)."""
+        with fail_together("reading the first batch"):
+            if not self._kept and not self._read():
+                raise ValueError(EMPTY_LOADER)
+        return int(self._kept[0][0].shape[1])
+
+    def statistics_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The pre-pass: the first `stats_batches` batches of epoch 0, kept for training; with stats_batches=None,
+        every batch of a separate pass, dropped as it goes."""
+        if self._separate:
+            while self._kept or self._read():
+                yield self._kept.popleft()
+            self._batches, self._separate = None, False
+            return
+        assert self.stats_batches is not None
+        i = 0
+        while i < self.stats_batches and (i < len(self._kept) or self._read()):
+            yield self._kept[i]
+            i += 1
+
+    def training_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Epoch 0 for training: the kept batches, then the rest of the pass (opened now if nothing was read)."""
+        if self._batches is None:
+            self._open()
+        assert not self._separate and self._batches is not None
+        kept, rest = self._kept, self._batches
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            while kept:
+                yield kept.popleft()
+            yield from rest
+
+        return batches()
+
+    def close(self) -> None:
+        """Drop the kept batches and end the open pass (its loader workers exit)."""
+        self._kept.clear()
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
+
+def estimate_statistics(objective: DeepMinMax, prepass: PrePass) -> None:
+    """Fill the standardisation buffers from the pre-pass's batches (`PrePass.statistics_batches`)."""
     attributes = objective.attributes
     zs = RunningMoments(objective.feature_dim)
     bs = RunningMoments(len(attributes))
-    batches = iterate_batches(loader, attributes, extract, device, cfg.amp_dtype)
     with fail_together("statistics pre-pass"):  # a bad batch on one rank must not leave the others in the merge
-        for z, b in itertools.islice(batches, cfg.stats_batches):
+        for z, b in prepass.statistics_batches():
             zs.update(z)
             bs.update(b)
     zs, bs = zs.merge_ranks(), bs.merge_ranks()  # data-parallel: statistics of the union of the ranks' shards
     if zs.n == 0:
-        raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
+        raise ValueError(EMPTY_LOADER)
     if zs.n < 2:
         raise ValueError("The loader gave fewer than 2 samples; standardisation statistics need at least 2.")
     objective.feature_mean.copy_(zs.mean.float())
@@ -294,6 +407,13 @@ def _mean_over_ranks(value: Tensor) -> Tensor:
     return all_reduce_sum(value.clone()) / world_size()
 
 
+def _gather_over_ranks(value: Tensor) -> Tensor:
+    """`value` of every rank concatenated along dim 0; gradients flow back to each rank's own part."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(value.contiguous()))
+
+
 def _set_epoch(loader: Iterable, epoch: int) -> None:
     """Let a DistributedSampler (or any sampler with set_epoch) reshuffle for this epoch."""
     for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
@@ -303,8 +423,11 @@ def _set_epoch(loader: Iterable, epoch: int) -> None:
 
 
 def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], Tensor], cfg: FitConfig,
-          device: torch.device) -> FitHistory:
+          device: torch.device, prepass: PrePass | None = None) -> FitHistory:
     """Train h_theta, CLUB's q networks and m_phi on a stream of batches; return the loss history.
+
+    The standardisation statistics come from the first `cfg.stats_batches` batches of epoch 0, whose features are
+    kept and trained on as the start of epoch 0 (see PrePass); pass the PrePass that sized the heads, if one did.
 
     Inside an initialised torch.distributed process group (e.g. under torchrun), each rank streams its own shard of
     the data through the backbone (outside DDP, under no_grad); h_theta and the estimators are wrapped in
@@ -331,8 +454,12 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                       "Use persistent_workers=False for exact resumes.", stacklevel=3)
     run_fingerprint = fingerprint(objective, loader) if checkpointer is not None else {}
     resumed = _find_resume_point(checkpointer, objective, cfg, run_fingerprint)
-    if resumed is None and objective.cfg.standardize:
-        estimate_statistics(objective, loader, extract, cfg, device)
+    if prepass is None:
+        prepass = PrePass(loader, objective.attributes, extract, cfg, device, objective.cfg.standardize)
+    if resumed is not None:
+        prepass.close()  # the checkpoint holds the statistics; its epoch is replayed from its RNG states
+    elif objective.cfg.standardize:
+        estimate_statistics(objective, prepass)
     fused = {"foreach": True}
     opt_h = torch.optim.Adam(objective.h.parameters(), lr=cfg.lr, **fused)
     opt_est = torch.optim.Adam(objective.estimator_parameters(), lr=cfg.estimator_lr or cfg.lr, **fused)
@@ -384,16 +511,20 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                 if done():
                     break
                 _set_epoch(loader, epoch)
-                skip = 0
                 if resumed is not None and epoch == resumed.position.epoch:
                     epoch_rng = resumed.rng[rank()]
                     with fail_together("restoring the RNG states"):
                         restore_rng(epoch_rng, loader)  # replay this epoch's order, then skip what was consumed
-                    skip = position.batches
+                    batches = iterate_batches(loader, objective.attributes, extract, device, cfg.amp_dtype,
+                                              position.batches)
+                elif epoch == 0:
+                    batches = prepass.training_batches()  # the pre-pass's features first, then the loader goes on
+                    epoch_rng = prepass.rng
+                    position.epoch, position.batches = epoch, 0
                 else:
                     epoch_rng = capture_rng(loader) if checkpointer is not None else {}
                     position.epoch, position.batches = epoch, 0
-                batches = iterate_batches(loader, objective.attributes, extract, device, cfg.amp_dtype, skip)
+                    batches = iterate_batches(loader, objective.attributes, extract, device, cfg.amp_dtype)
                 while not done():
                     z = b = failure = None
                     try:
@@ -432,7 +563,7 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                             barrier()  # no rank exits (and gets the others killed) before rank 0 has written
                             raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step, path, rank())
                 if position.batches == 0:
-                    raise ValueError("The loader is empty: it produced no batch. Check the dataset and drop_last.")
+                    raise ValueError(EMPTY_LOADER)
             if checkpointer is not None:
                 path = save_checkpoint() if saved_at != position.step else None
                 # A signal after the last flag was read (last step, last fetch): still reported as a stop.
@@ -444,6 +575,7 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                                               path or checkpointer.paths()[0] if is_main_process() else None, rank())
     finally:
         bar.close()
+        prepass.close()
         if ddp:
             # Drop the DDP wrappers (and the process group their reducers hold) here: a raised exception's
             # traceback keeps this frame, and so them, alive while the caller shuts the group down.
@@ -529,8 +661,12 @@ def _step(objective: DeepMinMax, h_net: nn.Module, est_net: nn.Module, opt_h: to
         opt_est.zero_grad(set_to_none=True)
         est[0].backward()
         opt_est.step()
+    match = None
+    if cfg.match_weight > 0:
+        match = objective.match_loss(z_tilde, b, step, cfg.match_projections, cfg.match_bins,
+                                     _gather_over_ranks if ddp else None)
     losses = objective.theta_losses(z_std, z_tilde, b, cfg.lam, cfg.nll_reduction, sums,
-                                    _mean_over_ranks if ddp else None)
+                                    _mean_over_ranks if ddp else None, match, cfg.match_weight)
     if step >= cfg.warmup_steps:
         opt_h.zero_grad(set_to_none=True)
         losses.total.backward(inputs=list(objective.h.parameters()))
@@ -546,7 +682,8 @@ def _step(objective: DeepMinMax, h_net: nn.Module, est_net: nn.Module, opt_h: to
 
 
 def _record(history: FitHistory, step: int, losses: Any, q_nll: Tensor, ddp: bool) -> None:
-    values = torch.stack([losses.total, losses.debias, losses.retain, q_nll, *losses.club.values()]).detach()
+    values = torch.stack([losses.total, losses.debias, losses.retain, q_nll, losses.match,
+                          *losses.club.values()]).detach()
     if ddp:
         values = _mean_over_ranks(values)  # the global batch's values, the same on every rank
     values = values.tolist()
@@ -555,8 +692,10 @@ def _record(history: FitHistory, step: int, losses: Any, q_nll: Tensor, ddp: boo
     history.debias.append(values[1])
     history.retain.append(values[2])
     history.q_nll.append(values[3])
-    for name, v in zip(losses.club, values[4:]):
+    history.match.append(values[4])
+    for name, v in zip(losses.club, values[5:]):
         history.club[name].append(v)
 
 
-__all__ = ["FitHistory", "train", "RunningMoments", "split_batch", "attrs_tensor", "StopSignals", "EstimatorLoss"]
+__all__ = ["FitHistory", "train", "PrePass", "RunningMoments", "split_batch", "attrs_tensor", "StopSignals",
+           "EstimatorLoss"]

@@ -3,6 +3,7 @@ detected and the previous one used; nothing is unpickled."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -116,6 +117,46 @@ def test_sigterm_writes_a_checkpoint_after_the_current_step_then_resumes(uninter
     assert not list((tmp_path / "checkpoints").glob(".checkpoint-*"))  # no temporary file left behind
     _resume(tmp_path, workers)
     assert max_abs_diff(load_file(tmp_path / "heads.safetensors"), uninterrupted[workers]) == 0.0
+
+
+class _NoisySites(torch.utils.data.Dataset):
+    """Samples with noise from the torch RNG: a resume matches only if the data's random draws are replayed."""
+
+    def __init__(self) -> None:
+        self.x, _, s = make_site_problem(320, seed=0)
+        self.attrs = s.float()[:, None]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.05 * torch.randn(16), self.attrs[i]
+
+
+@pytest.mark.parametrize("stop", [2, 5], ids=["inside-the-pre-pass", "after-it"])
+def test_resume_in_epoch_zero_replays_the_pre_pass_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            stop: int) -> None:
+    # Epoch 0 starts with the 3 statistics batches, read ahead (the first also sizes the lazily built heads) and
+    # trained on as steps 0-2. A resume at step `stop` of epoch 0 replays the epoch's draws without running them.
+    def fit(model: DebiasedEncoder, folder: Path, steps: int, **options) -> None:
+        loader = DataLoader(_NoisySites(), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+        model.fit(loader, epochs=100, max_steps=steps, estimator_steps=2, stats_batches=3, progress=False,
+                  checkpoint_dir=str(folder), checkpoint_every=5, **options)
+
+    full = _model()
+    fit(full, tmp_path / "full", 14)
+    fit(_model(), tmp_path / "part", stop)
+    resumed = _model()  # a new process would build its heads anew too
+    fit(resumed, tmp_path / "part", 14, resume=True)
+    assert max_abs_diff(resumed.heads.state_dict(), full.heads.state_dict()) == 0.0
+    # Control: if building the heads drew from the torch RNG between epoch 0's batches, the replay would not line up.
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **kwargs: contextlib.nullcontext())
+    drawing = _model()
+    fit(drawing, tmp_path / "drawing", stop)
+    fit(drawing, tmp_path / "drawing", 14, resume=True)
+    unreplayed = _model()
+    fit(unreplayed, tmp_path / "unreplayed", 14)
+    assert max_abs_diff(drawing.heads.state_dict(), unreplayed.heads.state_dict()) > 0.0
 
 
 def test_resume_in_process_matches_and_counts_steps(tmp_path: Path) -> None:

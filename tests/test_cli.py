@@ -46,7 +46,9 @@ def test_smoke_run_writes_every_output(smoke_run: tuple[Path, float], capsys: py
         assert set(method["leakage"]) == {"rotation", "width", "site"}
         for entry in method["leakage"].values():
             assert set(entry) == {"metric", "chance", "linear", "mlp"}
-        assert method["leakage"]["site"]["metric"] == "accuracy" and method["leakage"]["rotation"]["metric"] == "r2"
+        assert method["leakage"]["site"]["metric"] == "balanced_accuracy"
+        assert method["leakage"]["site"]["chance"] == pytest.approx(1 / 3)  # 3 sites
+        assert method["leakage"]["rotation"]["metric"] == "r2"
     Metrics.from_dict(data)
 
     report = (out / "report.md").read_text()
@@ -163,3 +165,93 @@ def test_image_csv_model_records_the_preprocessing_it_was_trained_with(tmp_path:
     assert model.preprocessing == run_preprocessing(cfg)
     image, _, _ = data.train.dataset[1]
     assert torch.equal(model.preprocess(Image.open(tmp_path / "1.png").convert("RGB")), image)
+
+
+# --------------------------------------------------------------------------- audit and sweep
+FAST_EVAL = ["--set", "fit.stats_batches=2", "--set", "fit.progress=false", "--set", "eval.tsne_samples=0"]
+
+
+def test_audit_command_writes_into_the_model_folder_and_its_card(smoke_run: tuple[Path, float], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    out, _ = smoke_run
+    model_dir = tmp_path / "model"
+    shutil.copytree(out / "model", model_dir)
+    assert main(["audit", str(model_dir), DEFAULT, "--set", "eval.max_samples=200"]) == 0
+    data = json.loads((model_dir / "audit.json").read_text())
+    assert {"model", "attributes", "samples", "split", "criteria", "features", "verdicts", "wall_seconds"} <= set(data)
+    assert data["samples"] == {"train": 200, "test": 200} and data["split"] == "a separate test set"
+    assert data["model"]["weights_sha256"] == json.loads((model_dir / "config.json").read_text())["weights_sha256"]
+    assert list(data["features"]) == ["raw", "debiased"]
+    for view in data["features"].values():
+        assert list(view) == ["rotation", "width", "site"]
+        site = view["site"]
+        assert site["metric"] == "balanced_accuracy" and site["chance"] == pytest.approx(1 / 3)
+        assert site["threshold"] == pytest.approx(1 / 3 + 0.05) and site["verdict"] in ("removed", "leaks")
+    # 5 training steps leave the site in Z~, as in raw Z (where the digits encoder reads it perfectly)
+    assert data["features"]["raw"]["site"]["mlp"] > 0.9 and data["features"]["raw"]["site"]["verdict"] == "leaks"
+    assert data["verdicts"] == {name: v["verdict"] for name, v in data["features"]["debiased"].items()}
+    printed = capsys.readouterr().out
+    assert "| raw Z " in printed and "site: " in printed
+    assert "## Leakage audit" in (model_dir / "README.md").read_text() and (model_dir / "audit.md").is_file()
+    DebiasedEncoder.from_pretrained(model_dir)  # still a loadable model
+
+    elsewhere = tmp_path / "audit-out"
+    assert main(["audit", str(out / "model"), DEFAULT, "--output-dir", str(elsewhere),
+                 "--set", "eval.max_samples=100", "--set", "audit.margin=0.1"]) == 0
+    data = json.loads((elsewhere / "audit.json").read_text())
+    assert data["criteria"]["margin"] == 0.1 and data["samples"]["train"] == 100
+    assert not (out / "model" / "audit.json").exists()  # --output-dir leaves the model folder alone
+
+
+def test_audit_bad_input_exits_2(smoke_run: tuple[Path, float], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, _ = smoke_run
+    assert main(["audit", str(tmp_path / "no_model"), DEFAULT]) == 2
+    err = capsys.readouterr().err
+    assert "no_model" in err and err.count("\n") == 1
+    assert main(["audit", str(out / "model"), DEFAULT, "--set", "audit.margn=0.1"]) == 2
+    assert "audit.margn: unknown key; did you mean 'margin'?" in capsys.readouterr().err
+
+
+def test_sweep_writes_one_run_per_value_and_the_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    start = time.perf_counter()
+    assert main(["sweep", DEFAULT, "fit.lam=0.2,0.8", "--max-steps", "2", "--output-dir", str(tmp_path), *FAST_EVAL,
+                 "--set", "eval.max_samples=96"]) == 0
+    assert time.perf_counter() - start < 60  # about 6 s on 2 idle cores; the bound of the smoke run above
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["key"] == "fit.lam" and data["values"] == [0.2, 0.8] and data["complete"] is True
+    assert [r["value"] for r in data["runs"]] == [0.2, 0.8] and [r["label"] for r in data["runs"]] == ["lam=0.2",
+                                                                                                      "lam=0.8"]
+    for run in data["runs"]:
+        assert list(run["methods"]) == ["raw", "leace", "dmm"]
+        assert isinstance(run["methods"]["dmm"]["task_accuracy"], float)
+        folder = Path(run["output_dir"])
+        assert folder.parent == tmp_path and (folder / "metrics.json").is_file() and (folder / "model").is_dir()
+        assert load_run_config(folder / "config.yaml").fit.lam == run["value"]  # the run's own value, resolved
+        assert json.loads((folder / "metrics.json").read_text())["methods"] == run["methods"]
+    # raw Z does not depend on lam: both runs measured the same reference
+    assert data["runs"][0]["methods"]["raw"] == data["runs"][1]["methods"]["raw"]
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| lam=0.2 " in capsys.readouterr().out
+    from dmm_wrap.sweep import Sweep
+
+    assert Sweep.from_dict(data).to_dict() == data
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit.lam=0.2"], "fit.lam: a sweep needs at least 2 values"),
+    (["fit.lamb=0.2,0.5"], "fit.lamb: unknown key; did you mean 'lam'?"),
+    (["fit.lam=0.2,2.0"], "fit.lam"),
+    (["fit.lam=0.2,0.5", "--set", "fit.lrr=0.1"], "fit.lrr: unknown key; did you mean 'lr'?"),
+    (["fit.lam=0.2,0.5", "--set", "fit.lam=0.3"], "fit.lam: both swept and set"),
+    (["fit.lam=0.2,,0.5"], "empty value"),
+    (["output_dir=a,b"], "output_dir: cannot be swept"),
+    (["fit.lam"], "A sweep is KEY=VALUE1,VALUE2"),
+])
+def test_sweep_bad_input_exits_2_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                                message: str) -> None:
+    assert main(["sweep", DEFAULT, *argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dmm-wrap: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

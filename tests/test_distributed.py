@@ -64,18 +64,36 @@ def test_two_gloo_ranks_agree_and_match_one_process_with_the_global_batch(tmp_pa
         assert histories[0][key] == pytest.approx(histories[1][key], abs=1e-4)
 
 
-def test_signalled_two_rank_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+def test_matching_term_over_two_ranks_matches_one_process(tmp_path: Path) -> None:
+    # The group-matching term gathers the projected Z~ of both ranks: its groups and quantiles are the global batch's.
+    common = ["--steps", "12", "--match-weight", "1.0"]
+    _torchrun(2, str(SCRIPT), "--out", str(tmp_path / "ddp"), "--batch-size", "32", *common)
+    _single(str(SCRIPT), "--out", str(tmp_path / "one"), "--batch-size", "64", *common)
+    _single(str(SCRIPT), "--out", str(tmp_path / "off"), "--batch-size", "64", "--steps", "12")
+    rank0 = load_file(tmp_path / "ddp" / "heads-rank0.safetensors")
+    one = load_file(tmp_path / "one" / "heads-rank0.safetensors")
+    off = load_file(tmp_path / "off" / "heads-rank0.safetensors")
+    assert max_abs_diff(rank0, one) < TOLERANCE
+    assert max_abs_diff(one, off) > 100 * TOLERANCE  # control: the term changes training
+    histories = [json.loads((tmp_path / d / "history-rank0.json").read_text()) for d in ("ddp", "one")]
+    assert min(histories[1]["match"]) > 0
+    assert histories[0]["match"] == pytest.approx(histories[1]["match"], abs=1e-4)
+
+
+@pytest.mark.parametrize("gate, held", [(6, 6), (19, 18)], ids=["epoch-0", "epoch-1"])
+def test_signalled_two_rank_run_resumes_to_the_uninterrupted_result(tmp_path: Path, gate: int, held: int) -> None:
     # Shuffled, noise-augmented shards of unequal length (rank 1 has 15 batches per epoch, rank 0 16): the resumed
-    # run only matches if each rank's RNG, position and the shared end-of-epoch are all restored.
+    # run only matches if each rank's RNG, position and the shared end-of-epoch are all restored. In epoch 0 the
+    # replay also runs through the 4 statistics batches, read ahead and trained on as steps 0-3.
     common = [str(SCRIPT), "--batch-size", "32", "--steps", "28", "--shuffle", "--uneven", "40"]
     _torchrun(2, *common, "--out", str(tmp_path / "full"), "--checkpoint-dir", str(tmp_path / "full-ckpt"))
     part, ckpt = tmp_path / "part", tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *common,
-           "--out", str(part), "--checkpoint-dir", str(ckpt), "--gate-at", "19"]
+           "--out", str(part), "--checkpoint-dir", str(ckpt), "--gate-at", str(gate)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
     deadline = time.monotonic() + 120
-    # Rank 0 holds in its 20th training-time backbone call: step 18 (epoch 1, batch 3), because its 16th batch of
-    # epoch 0 was read and dropped when rank 1's shard ran out.
+    # Rank 0 holds in its backbone call number gate + 1, one per batch read, that of step `held`. In epoch 1 that is
+    # step 18 (batch 3), because its 16th batch of epoch 0 was read and dropped when rank 1's shard ran out.
     while not (part / "waiting").exists():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run never reached the gate"
@@ -89,7 +107,7 @@ def test_signalled_two_rank_run_resumes_to_the_uninterrupted_result(tmp_path: Pa
     assert [r for r, _ in stops] == ["0", "1"], stdout + stderr[-3000:]
     step = int(stops[0][1])
     assert stops[1][1] == stops[0][1]  # both ranks stop after the same step
-    assert step in (19, 20)  # the step in progress, and at most one more while the ranks agree on the stop
+    assert step in (held + 1, held + 2)  # the step in progress, and at most one more while the ranks agree on the stop
     assert (ckpt / f"checkpoint-{step:09d}.safetensors").is_file()
 
     _torchrun(2, *common, "--out", str(part), "--checkpoint-dir", str(ckpt), "--resume")

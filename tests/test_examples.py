@@ -17,6 +17,13 @@ def _python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+def _readme_block(containing: str) -> str:
+    """The README's one Python block that contains `containing`."""
+    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if containing in b]
+    assert len(blocks) == 1, (containing, len(blocks))
+    return blocks[0]
+
+
 def test_readme_quick_start_runs(tmp_path, monkeypatch) -> None:
     block = _python_blocks((ROOT / "README.md").read_text())[0]
     monkeypatch.chdir(tmp_path)
@@ -45,7 +52,7 @@ def test_readme_publishing_snippet_runs(tmp_path, monkeypatch) -> None:
     from huggingface_hub import HfApi
     from PIL import Image
 
-    quick, publish = _python_blocks((ROOT / "README.md").read_text())[:2]
+    quick, publish = _python_blocks((ROOT / "README.md").read_text())[0], _readme_block("push_to_hub(")
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "hf-cache"
     uploads: list[str] = []
@@ -72,3 +79,25 @@ def test_readme_publishing_snippet_runs(tmp_path, monkeypatch) -> None:
     loaded = namespace["encoder"]
     assert loaded is not trained and torch.equal(loaded(images), trained(images))
     assert namespace["z_tilde"].shape == (3, 128) and (tmp_path / "encoder.onnx").is_file()
+
+
+def test_readme_audit_snippet_runs(tmp_path, monkeypatch) -> None:
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dmm_wrap import Attribute, AuditReport, DebiasedEncoder
+
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    site, rotation = torch.randint(0, 3, (200,), generator=g), torch.randn(200, generator=g)
+    x = torch.randn(200, 6, generator=g)
+    x[:, 0] += 3 * site  # the site is plain to see; the rotation is not in x at all
+    encoder = DebiasedEncoder(nn.Linear(6, 8), None, [Attribute("site", "categorical", 3),
+                                                      Attribute("rotation", "continuous")], input_size=(6,))
+    loader = DataLoader(TensorDataset(x, torch.stack([site.float(), rotation], 1)), batch_size=50)
+    namespace = {"encoder": encoder, "loader": loader, "features": x.numpy(), "site_ids": site.numpy()}
+    exec(compile(_readme_block("audit("), "README.md", "exec"), namespace)
+    assert isinstance(namespace["report"], AuditReport)
+    assert namespace["report"].verdicts("raw") == {"site": "leaks", "rotation": "removed"}
+    assert namespace["other"].verdicts() == {"site": "leaks"}
+    assert (tmp_path / "runs/resnet18-site/audit.json").is_file()

@@ -469,3 +469,29 @@ def test_cli_push_uploads_the_run_model_with_its_metrics(trained, tmp_path, monk
         assert "hf_cli_secret_123" not in p.read_bytes().decode("latin-1")
     assert "hf_cli_secret_123" not in capsys.readouterr().out
     assert main(["push", str(tmp_path / "missing"), "org/run"]) == 2
+
+
+def test_push_folder_uploads_the_audit_of_these_weights_only(trained, tmp_path) -> None:
+    enc, x, _ = trained
+    enc.save_pretrained(tmp_path / "m")
+    sha = json.loads((tmp_path / "m/config.json").read_text())["weights_sha256"]
+    site = {"metric": "balanced_accuracy", "chance": 1 / 3, "linear": 0.34, "mlp": 0.36, "threshold": 0.3833,
+            "verdict": "removed"}
+    audit = {"model": {"source": "m", "weights_sha256": sha}, "samples": {"train": 70, "test": 30},
+             "split": "a separate test set", "criteria": {"margin": 0.05, "max_r2": 0.1},
+             "features": {"raw": {"site": {**site, "mlp": 0.9, "verdict": "leaks"}}, "debiased": {"site": site}}}
+    (tmp_path / "m/audit.json").write_text(json.dumps(audit))
+    fake = FakeApi(tmp_path / "uploaded")
+    push_folder_to_hub(tmp_path / "m", "org/m", api=fake)
+    assert {p.name for p in (tmp_path / "uploaded").iterdir()} == MODEL_FILES | {"audit.json"}
+    card = (tmp_path / "uploaded/README.md").read_text()
+    assert "## Leakage audit" in card
+    assert "| `site` | balanced accuracy | 0.3333 | 0.3833 | 0.9 (leaks) | 0.36 (removed) |" in card
+    assert 'from_pretrained("org/m", backbone=my_backbone)' in card
+
+    audit["model"]["weights_sha256"] = "0" * 64  # an audit of other weights
+    (tmp_path / "m/audit.json").write_text(json.dumps(audit))
+    fake = FakeApi(tmp_path / "stale")
+    push_folder_to_hub(tmp_path / "m", "org/m", api=fake)
+    assert {p.name for p in (tmp_path / "stale").iterdir()} == MODEL_FILES
+    assert "## Leakage audit" not in (tmp_path / "stale/README.md").read_text()

@@ -50,6 +50,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--uneven", type=int, default=0, help="rank 1 gets this many fewer samples")
     parser.add_argument("--nan-at", type=int, default=None, help="rank 1's sample with this index is NaN")
+    parser.add_argument("--match-weight", type=float, default=0.0, help="FitConfig.match_weight")
     parser.add_argument("--shuffle", action="store_true", help="shuffled shards and noise from each rank's RNG")
     parser.add_argument("--gate-at", type=int, default=None,
                         help="rank 0 blocks before the forward of this step until OUT/release exists")
@@ -70,13 +71,15 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.gate_at is not None and distributed.rank() == 0:
-        # Backbone calls before step k: one to size the heads, 4 for the statistics, then one per step.
-        backbone.register_forward_pre_hook(Gate(out, 1 + 4 + args.gate_at + 1))
+        # One backbone call per batch read (the 4 statistics batches are trained on as steps 0-3): call k + 1 reads
+        # step k's batch (test_distributed.py explains where uneven shards shift this).
+        assert args.gate_at >= 4
+        backbone.register_forward_pre_hook(Gate(out, args.gate_at + 1))
     model = DebiasedEncoder(backbone, None, [Attribute("site", "categorical", 3), Attribute("level", "continuous")])
     try:
         history = model.fit(loader, max_steps=args.steps, epochs=args.epochs, estimator_steps=2, stats_batches=4,
                             progress=False, checkpoint_dir=args.checkpoint_dir, checkpoint_every=5,
-                            resume=args.resume)
+                            resume=args.resume, match_weight=args.match_weight)
     except TrainingInterrupted as err:
         sys.stdout.write(f"rank {distributed.rank()} interrupted at step {err.step}\n")  # one write: lines of the
         sys.stdout.flush()  # two ranks share a pipe

@@ -58,8 +58,10 @@ def main() -> int:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32))
     if args.gate_at is not None:
-        # Backbone calls before step k: one to size the heads, STATS_BATCHES for the statistics, then one per step.
-        backbone.register_forward_pre_hook(Gate(out, 1 + STATS_BATCHES + args.gate_at + 1))
+        # One backbone call per batch: the first STATS_BATCHES (which also size the heads) are read ahead for the
+        # statistics and trained on as steps 0.., so from there on step k is call k + 1.
+        assert args.gate_at >= STATS_BATCHES
+        backbone.register_forward_pre_hook(Gate(out, args.gate_at + 1))
     model = DebiasedEncoder(backbone, None, [Attribute("site", "categorical", 3)])
     try:
         history = model.fit(loader, max_steps=args.steps, epochs=100, estimator_steps=2, stats_batches=STATS_BATCHES,

@@ -1,0 +1,308 @@
+"""The leakage suite: how much of an attribute a *fresh* probe still reads from the features, and what else they keep.
+
+For each problem of `benchmarks/problems.py` and each seed, the feature sets below are compared side by side:
+
+    raw          Z, the frozen backbone's features
+    leace        LEACE (concept-erasure), the best linear eraser
+    quadratic    concept-erasure's QuadraticEraser: an ORACLE that needs B at inference (continuous B: 4 quantile bins)
+    paper        DeepMinMax with FitConfig.paper() (lam 0.5, lr 0.005, one q step, summed NLL)
+    dmm          DeepMinMax with today's defaults (FitConfig(), HeadConfig()), with any --set overrides
+    matched      dmm plus the experimental group-matching term: residual h_theta, match_weight 10
+
+Every DeepMinMax variant is trained on the train split with the problem's epoch budget; every probe is trained on
+train features and scored on the evaluation split (--split val to choose settings, test to report). Reported:
+
+    task         logistic regression on the task label (the paper's protocol)
+    leak_mlp     a fresh MLP probe (hidden 128, 128: at least CLUB's q) on each attribute: balanced accuracy
+                 (chance 1 / K) or R^2
+    leak_lin     a linear probe: balanced accuracy (logistic regression) or R^2 (ridge)
+    retention    R^2 of an MLP given (features, B) predicting each sample's own within-class detail, divided by the
+                 same on raw Z: 1 keeps everything, 0 keeps nothing beyond the attribute
+    retain_nll   -log m_phi(Z | Z~, B) per feature dimension at the end of training (DeepMinMax variants)
+
+Example:
+    python benchmarks/leakage.py --seeds 0,1,2 --json benchmarks/results/leakage.json
+    python benchmarks/leakage.py --problems style,continuous --methods raw,dmm --split val --set match_weight=3
+    python benchmarks/leakage.py --problems digits --epochs-scale 2      # stability with training length
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import balanced_accuracy_score, r2_score
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from problems import PROBLEMS, Problem, SplitData  # noqa: E402
+
+from dmm_wrap import DebiasedEncoder, FitConfig, HeadConfig  # noqa: E402
+
+METHODS = ("raw", "leace", "quadratic", "paper", "dmm", "matched")
+MATCHED = {"residual": True, "match_weight": 10.0}
+"""The matched variant's settings (chosen on the val split of the style problem, seed 0: weights 1, 10, 100 gave
+MLP-probe leakage 0.839, 0.818, 0.746 with task 1.000, 0.999, 0.885)."""
+PROBE_HIDDEN = (128, 128)
+
+
+def _mlp(regression: bool, seed: int) -> Any:
+    kind = MLPRegressor if regression else MLPClassifier
+    return make_pipeline(StandardScaler(), kind(hidden_layer_sizes=PROBE_HIDDEN, max_iter=300, early_stopping=True,
+                                                random_state=seed))
+
+
+def leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarray, test_b: np.ndarray, categorical: bool,
+            seed: int) -> dict[str, float]:
+    """Fresh MLP and linear probes of one attribute: balanced accuracy (categorical) or R^2 (continuous)."""
+    if categorical:
+        tr, te = train_b.astype(int), test_b.astype(int)
+        lin = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        return {"leak_mlp": balanced_accuracy_score(te, _mlp(False, seed).fit(train_x, tr).predict(test_x)),
+                "leak_lin": balanced_accuracy_score(te, lin.fit(train_x, tr).predict(test_x))}
+    lin = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+    return {"leak_mlp": r2_score(test_b, _mlp(True, seed).fit(train_x, train_b).predict(test_x)),
+            "leak_lin": r2_score(test_b, lin.fit(train_x, train_b).predict(test_x))}
+
+
+def with_attrs(x: np.ndarray, b: np.ndarray, problem: Problem) -> np.ndarray:
+    cols = [x]
+    for k, a in enumerate(problem.attributes):
+        cols.append(np.eye(a.num_classes)[b[:, k].astype(int)] if a.kind == "categorical" else b[:, k:k + 1])
+    return np.concatenate(cols, 1)
+
+
+def retention_r2(train_x: np.ndarray, train: SplitData, test_x: np.ndarray, test: SplitData, problem: Problem,
+                 seed: int) -> float:
+    """R^2 of an MLP given (features, B) predicting the within-class detail."""
+    probe = _mlp(True, seed).fit(with_attrs(train_x, train.attrs.numpy(), problem), train.detail.numpy())
+    return r2_score(test.detail.numpy(), probe.predict(with_attrs(test_x, test.attrs.numpy(), problem)))
+
+
+def task_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    return float(clf.fit(train_x, train_y).score(test_x, test_y))
+
+
+def encode_for_erasure(b: np.ndarray, problem: Problem, bins: bool) -> np.ndarray:
+    """B as LEACE's target (one-hot / value) or, with `bins`, as QuadraticEraser's class ids (quantile bins)."""
+    cols = []
+    for k, a in enumerate(problem.attributes):
+        col = b[:, k]
+        if a.kind == "categorical":
+            cols.append(col.astype(int) if bins else np.eye(a.num_classes)[col.astype(int)])
+        else:
+            cols.append(np.digitize(col, np.quantile(col, [0.25, 0.5, 0.75])) if bins else col[:, None])
+    if bins:
+        return cols[0] if len(cols) == 1 else np.ravel_multi_index(cols, [max(c.max() + 1, 1) for c in cols])
+    return np.concatenate(cols, 1)
+
+
+def erased(method: str, ztr: np.ndarray, zev: np.ndarray, train: SplitData, ev: SplitData,
+           problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    from concept_erasure import LeaceEraser, QuadraticEraser
+
+    xtr, xev = torch.from_numpy(ztr).double(), torch.from_numpy(zev).double()
+    if method == "leace":
+        eraser = LeaceEraser.fit(xtr, torch.from_numpy(encode_for_erasure(train.attrs.numpy(), problem, False)).double())
+        return eraser(xtr).numpy(), eraser(xev).numpy()
+    btr = torch.from_numpy(encode_for_erasure(train.attrs.numpy(), problem, True)).long()
+    bev = torch.from_numpy(encode_for_erasure(ev.attrs.numpy(), problem, True)).long()
+    eraser = QuadraticEraser.fit(xtr, btr)
+    return eraser(xtr, btr).numpy(), eraser(xev, bev).numpy()
+
+
+def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, overrides: dict[str, Any],
+                epochs_scale: float) -> tuple[DebiasedEncoder, dict[str, float]]:
+    torch.manual_seed(seed)
+    epochs = max(1, round(problem.epochs * epochs_scale))
+    if method == "paper":
+        head, cfg = HeadConfig(), FitConfig.paper(epochs=epochs)
+    else:
+        overrides = {**(problem.fit_options or {}), **overrides, **(MATCHED if method == "matched" else {})}
+        head = HeadConfig(**{k: v for k, v in overrides.items() if k in HeadConfig.__dataclass_fields__})
+        cfg = FitConfig(epochs=epochs, **{k: v for k, v in overrides.items() if k in FitConfig.__dataclass_fields__})
+    cfg.progress = False
+    enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes, **vars(head))
+    loader = DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    history = enc.fit(loader, config=cfg)
+    tail = max(1, len(history.retain) // 10)
+    return enc, {"retain_nll": float(np.mean(history.retain[-tail:])), "fit_seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def features(enc: DebiasedEncoder, x: torch.Tensor, debiased: bool, batch_size: int = 512) -> np.ndarray:
+    enc.eval()
+    out = [(enc(x[i:i + batch_size]) if debiased else enc.features(x[i:i + batch_size])) for i in
+           range(0, len(x), batch_size)]
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def run_problem(name: str, seed: int, methods: list[str], split: str, overrides: dict[str, Any],
+                epochs_scale: float) -> dict[str, dict[str, Any]]:
+    problem = PROBLEMS[name](seed)
+    train, ev = problem.sample("train"), problem.sample(split)  # type: ignore[arg-type]
+    raw_enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
+    ztr, zev = features(raw_enc, train.inputs, False), features(raw_enc, ev.inputs, False)
+    raw_retention = retention_r2(ztr, train, zev, ev, problem, seed)
+    rows: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        extra: dict[str, float] = {}
+        if method == "raw":
+            a, c = ztr, zev
+        elif method in ("leace", "quadratic"):
+            a, c = erased(method, ztr, zev, train, ev, problem)
+        else:
+            enc, extra = fit_variant(method, problem, train, seed, overrides, epochs_scale)
+            a, c = features(enc, train.inputs, True), features(enc, ev.inputs, True)
+        row: dict[str, Any] = {"task": task_accuracy(a, train.labels.numpy(), c, ev.labels.numpy()), **extra}
+        for k, attr in enumerate(problem.attributes):
+            leak = leakage(a, train.attrs[:, k].numpy(), c, ev.attrs[:, k].numpy(), attr.kind == "categorical", seed)
+            row.update({f"{key}.{attr.name}": v for key, v in leak.items()})
+        row["retention"] = retention_r2(a, train, c, ev, problem, seed) / raw_retention
+        rows[method] = row
+        print(f"  {name} seed {seed} {method:10s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def summarise(results: dict[str, dict[int, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Mean and sd over seeds of every number, per problem and method."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, by_seed in results.items():
+        out[name] = {}
+        methods = next(iter(by_seed.values())).keys()
+        for method in methods:
+            keys = next(iter(by_seed.values()))[method].keys()
+            stats = {}
+            for key in keys:
+                values = [by_seed[s][method][key] for s in by_seed]
+                stats[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1
+                              else 0.0, "values": values}
+            out[name][method] = stats
+    return out
+
+
+def targets(name: str, summary: dict[str, dict[str, Any]], problem: Problem) -> dict[str, bool]:
+    """The quality targets of each DeepMinMax variant on the mean over seeds: fresh-MLP leakage <= chance + 0.05
+    (balanced accuracy) or R^2 <= 0.10; task >= raw - 0.02 and >= LEACE; retention >= 0.5 of raw Z's."""
+    out = {}
+    for variant in ("paper", "dmm", "matched"):
+        if variant in summary:
+            out.update({f"{variant}: {k}": v for k, v in _targets(summary[variant], summary, problem).items()})
+    return out
+
+
+def _targets(dmm: dict[str, Any], summary: dict[str, dict[str, Any]], problem: Problem) -> dict[str, bool]:
+    out = {}
+    for a in problem.attributes:
+        key = f"leak_mlp.{a.name}"
+        limit = 1 / a.num_classes + 0.05 if a.kind == "categorical" else 0.10
+        out[f"leak {a.name} <= {limit:.3f}"] = dmm[key]["mean"] <= limit
+    if "raw" in summary:
+        out["task >= raw - 0.02"] = dmm["task"]["mean"] >= summary["raw"]["task"]["mean"] - 0.02
+    if "leace" in summary:
+        out["task >= LEACE"] = dmm["task"]["mean"] >= summary["leace"]["task"]["mean"]
+    out["retention >= 0.5"] = dmm["retention"]["mean"] >= 0.5
+    return out
+
+
+def table(summary: dict[str, dict[str, dict[str, Any]]], problems: dict[str, Problem]) -> str:
+    lines = []
+    for name, by_method in summary.items():
+        problem = problems[name]
+        chance_txt = ", ".join(f"{a.name}: chance {1 / a.num_classes:.3f}" if a.kind == "categorical"
+                               else f"{a.name}: R^2" for a in problem.attributes)
+        lines.append(f"\n## {name} ({chance_txt})\n")
+        keys = list(next(iter(by_method.values())).keys())
+        keys = [k for k in keys if k != "fit_seconds"]
+        lines.append("| method | " + " | ".join(keys) + " |")
+        lines.append("| --- " * (len(keys) + 1) + "|")
+        for method, stats in by_method.items():
+            cells = [f"{stats[k]['mean']:.3f} ± {stats[k]['sd']:.3f}" if k in stats else "" for k in keys]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        met = targets(name, by_method, problem)
+        if met:
+            lines.append("\ntargets (mean over seeds): " + "; ".join(
+                f"{k}: {'met' if v else 'NOT MET'}" for k, v in met.items()))
+    return "\n".join(lines)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE overrides of FitConfig / HeadConfig fields (values parsed as YAML; the configs validate them)."""
+    out: dict[str, Any] = {}
+    fields = {**FitConfig.__dataclass_fields__, **HeadConfig.__dataclass_fields__}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}.")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated, from " + ", ".join(PROBLEMS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--split", choices=("val", "test"), default="test",
+                        help="val to choose settings, test to report")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a FitConfig / HeadConfig field of the 'dmm' method")
+    parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every problem's epoch budget")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and BLAS threads (1 by default: on a shared 2-core machine, 2 BLAS threads made "
+                             "the probes 9x slower)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    names = [p for p in args.problems.split(",") if p]
+    methods = [m for m in args.methods.split(",") if m]
+    for bad in [p for p in names if p not in PROBLEMS] + [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"Unknown problem or method {bad!r}: problems {list(PROBLEMS)}, methods {list(METHODS)}.")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = parse_set(args.set)
+    results: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
+    problems = {}
+    start = time.perf_counter()
+    for name in names:
+        results[name] = {}
+        for seed in seeds:
+            results[name][seed] = run_problem(name, seed, methods, args.split, overrides, args.epochs_scale)
+        problems[name] = PROBLEMS[name](seeds[0])
+    summary = summarise(results)
+    print(f"\n# Leakage suite ({args.split} split, {len(seeds)} seeds, mean ± sd; "
+          f"{time.perf_counter() - start:.0f} s; dmm overrides {overrides or 'none'}; epochs x{args.epochs_scale})")
+    print(table(summary, problems))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"split": args.split, "seeds": seeds, "overrides": overrides, "epochs_scale": args.epochs_scale,
+                   "summary": summary, "targets": {n: targets(n, summary[n], problems[n]) for n in summary}}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The leakage suite's problems: generated data behind frozen encoders, each with train / val / test splits.
+
+Every problem yields, per split, inputs X for a frozen backbone, the attributes B, a task label Y and each sample's
+own within-class detail D (the content noise, or the writer of a digit): a property beyond the task that B does not
+explain, used to measure what the debiased features keep. In all but the additive problem the attribute is entangled
+with the content: it changes how the content looks, not only where the features sit, and yet a perfect debiaser that
+needs no B at inference exists, because B is readable from the features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dmm_wrap import Attribute
+
+Split = Literal["train", "val", "test"]
+SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
+
+
+@dataclass
+class SplitData:
+    """One split of a problem, held in memory (the suite's problems are small; the library itself streams)."""
+
+    inputs: Tensor
+    """Backbone inputs [N, ...]."""
+    attrs: Tensor
+    """Attributes [N, A] float32, class ids in categorical columns."""
+    labels: Tensor
+    """Task labels [N], int64."""
+    detail: Tensor
+    """Within-class detail [N, K] that the attribute does not explain (what retention is measured on)."""
+
+
+@dataclass
+class Problem:
+    """A backbone, its hooked layer, the attributes and a sampler of splits."""
+
+    name: str
+    backbone: nn.Module
+    layer: str | None
+    attributes: tuple[Attribute, ...]
+    sample: Callable[[Split], SplitData]
+    batch_size: int
+    epochs: int
+    """Training budget (epochs over the train split) of every DeepMinMax variant on this problem."""
+    fit_options: dict | None = None
+    """FitConfig options of the dmm variants on this problem (the digits job's shipped config); None = defaults."""
+
+
+def _frozen_encoder(in_dim: int, out_dim: int, gen: torch.Generator) -> nn.Module:
+    """A random two-layer tanh network: the frozen 'pretrained' encoder of the vector problems."""
+    enc = nn.Sequential(nn.Linear(in_dim, 128), nn.Tanh(), nn.Linear(128, out_dim))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1))
+    return enc.requires_grad_(False).eval()
+
+
+class _AddShift(nn.Module):
+    """Encoder of the additive problem: enc(content) + a per-group shift, the group given as trailing one-hot inputs."""
+
+    def __init__(self, enc: nn.Module, shifts: Tensor, content_dim: int) -> None:
+        super().__init__()
+        self.enc = enc
+        self.register_buffer("shifts", shifts)
+        self.content_dim = content_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.enc(x[:, :self.content_dim]) + x[:, self.content_dim:] @ self.shifts
+
+
+def rotate_planes(c: Tensor, angle: Tensor) -> Tensor:
+    """Rotate each consecutive coordinate pair (0, 1), (2, 3), ... of c [N, D] by angle [N] (radians)."""
+    cos, sin = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+    even, odd = c[:, 0::2], c[:, 1::2]
+    out = torch.empty_like(c)
+    out[:, 0::2], out[:, 1::2] = cos * even - sin * odd, sin * even + cos * odd
+    return out
+
+
+def vector_problem(kind: str, seed: int, n: dict[Split, int] | None = None) -> Problem:
+    """A 16-d content (8 classes, Gaussian detail) seen through a frozen random encoder (64-d features).
+
+    kind: "additive" (each of 4 groups shifts the features), "style" (each group applies a near-identity gain,
+    offset and tanh to the content, as staining does), "rotation" (each group applies its own random rotation to the
+    content: an arbitrary transform) or "continuous" (a uniform angle in +-45 degrees rotates every coordinate pair).
+    """
+    n = n or {"train": 4000, "val": 2000, "test": 2000}
+    dim, classes, groups, zdim = 16, 8, 4, 64
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    means = torch.randn(classes, dim, generator=gen) * 1.5
+    enc = _frozen_encoder(dim, zdim, gen)
+    shifts = torch.randn(groups, zdim, generator=gen) * 0.5
+    gain = 0.8 + 0.4 * torch.rand(groups, generator=gen)
+    offset = torch.randn(groups, dim, generator=gen) * 0.3
+    bend = (torch.rand(groups, generator=gen) - 0.5) * 0.8
+    rotations = torch.linalg.qr(torch.randn(groups, dim, dim, generator=gen))[0]
+    continuous = kind == "continuous"
+
+    def sample(split: Split) -> SplitData:
+        g = torch.Generator().manual_seed(100 * seed + SPLIT_SEEDS[split])
+        m = n[split]
+        y = torch.randint(0, classes, (m,), generator=g)
+        detail = torch.randn(m, dim, generator=g) * 0.5
+        c = means[y] + detail
+        if continuous:
+            b = (torch.rand(m, generator=g) - 0.5) * (math.pi / 2)
+            x = rotate_planes(c, b)
+            b = b / (math.pi / 4)  # in [-1, 1]
+        else:
+            b = torch.randint(0, groups, (m,), generator=g)
+            if kind == "additive":
+                x = torch.cat([c, nn.functional.one_hot(b, groups).float()], 1)
+            elif kind == "style":
+                x = gain[b, None] * c + offset[b] + bend[b, None] * torch.tanh(c)
+            elif kind == "rotation":
+                x = torch.einsum("nij,nj->ni", rotations[b], c)
+            else:
+                raise ValueError(f"Unknown vector problem {kind!r}: use additive, style, rotation or continuous.")
+        return SplitData(x, b.float()[:, None], y, detail[:, :4])
+
+    backbone = _AddShift(enc, shifts, dim) if kind == "additive" else enc
+    attr = Attribute("angle", "continuous") if continuous else Attribute("group", "categorical", groups)
+    return Problem(kind, backbone, None, (attr,), sample, batch_size=256, epochs=20)
+
+
+def conv_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
+    """Generated 32x32 images (a bright square left or right: the task; its height: the detail) behind a random-init
+    torchvision ResNet-18 hooked at layer2 (the quickstart's kind). Each of 3 sites tints the image, changes its
+    contrast and adds its own noise level."""
+    from dmm_wrap import create_backbone
+
+    n = n or {"train": 1500, "val": 500, "test": 500}
+    torch.manual_seed(20_000 + seed)
+    backbone = create_backbone("torchvision:resnet18").eval()
+    tint = torch.tensor([[1.0, 0.0, -1.0], [-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]])
+    contrast = torch.tensor([1.0, 0.6, 1.4])
+    noise = torch.tensor([0.3, 0.5, 0.2])
+
+    def sample(split: Split) -> SplitData:
+        g = torch.Generator().manual_seed(100 * seed + SPLIT_SEEDS[split])
+        m = n[split]
+        label = torch.randint(0, 2, (m,), generator=g)
+        site = torch.randint(0, 3, (m,), generator=g)
+        col = 4 + 16 * label + torch.randint(0, 6, (m,), generator=g)
+        row = torch.randint(4, 20, (m,), generator=g)
+        rows, cols = torch.arange(32)[None, :, None], torch.arange(32)[None, None, :]
+        square = ((rows >= row[:, None, None]) & (rows < row[:, None, None] + 8)
+                  & (cols >= col[:, None, None]) & (cols < col[:, None, None] + 8)).float()
+        x = 2.0 * square[:, None] * contrast[site][:, None, None, None]
+        x = x + noise[site][:, None, None, None] * torch.randn(m, 3, 32, 32, generator=g) + tint[site][:, :, None, None]
+        detail = torch.stack([row.float(), (col - 4 - 16 * label).float()], 1)
+        return SplitData(x, site.float()[:, None], label, detail)
+
+    return Problem("conv", backbone, "layer2", (Attribute("site", "categorical", 3),), sample, batch_size=128,
+                   epochs=8)
+
+
+def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
+    """The default job: the shipped digits encoder on generated digits (site, rotation, stroke width). The detail is
+    the writer: the first principal components of the source 8x8 digit minus its class mean."""
+    from dmm_wrap import load_digits_encoder
+    from dmm_wrap.data import SyntheticDigits
+    from dmm_wrap.pretrained import DIGITS_ENCODER_LAYER
+
+    n = n or {"train": 4096, "val": 2048, "test": 2048}
+    backbone = load_digits_encoder()
+    attributes = SyntheticDigits("train", 8).attributes
+
+    def sample(split: Split) -> SplitData:
+        # The val split draws from the training writers with another seed; test uses the held-out writers.
+        source = "test" if split == "test" else "train"
+        ds = SyntheticDigits(source, n[split], num_sites=3, seed=100 * seed + SPLIT_SEEDS[split])
+        batch = ds.generate()
+        return SplitData(batch.images, batch.attrs, batch.labels, _writer_detail(ds))
+
+    # The shipped config's fit section (configs/synthetic_digits.yaml), on half its training set and epochs.
+    options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.8, "estimator_steps": 5}
+    return Problem("digits", backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
+                   fit_options=options)
+
+
+def _writer_detail(ds: object) -> Tensor:
+    """Each sample's writer: the first 4 principal components of its source 8x8 digit minus its class mean."""
+    from dmm_wrap.data import _sample_seed, _source_digits
+
+    images, labels = _source_digits()
+    flat = images.flatten(1)
+    means = torch.stack([flat[labels == k].mean(0) for k in range(10)])
+    resid = flat - means[labels]
+    basis = torch.linalg.svd(resid - resid.mean(0), full_matrices=False).Vh[:4]
+    pool = ds.source_indices  # type: ignore[attr-defined]
+    first = torch.tensor([float(torch.rand(1, generator=torch.Generator().manual_seed(
+        _sample_seed(ds.seed, ds.split, i)))) for i in range(ds.num_samples)])  # type: ignore[attr-defined]
+    src = pool[(first * len(pool)).long().clamp_max(len(pool) - 1)]
+    return resid[src] @ basis.T
+
+
+PROBLEMS: dict[str, Callable[[int], Problem]] = {
+    "additive": lambda seed: vector_problem("additive", seed),
+    "style": lambda seed: vector_problem("style", seed),
+    "rotation": lambda seed: vector_problem("rotation", seed),
+    "continuous": lambda seed: vector_problem("continuous", seed),
+    "conv": conv_problem,
+    "digits": digits_problem,
+}
+"""Problem builders by name, each taking the seed that draws its data (and its random encoder)."""
