@@ -8,6 +8,8 @@ For each problem of `benchmarks/problems.py` and each seed, the feature sets bel
     paper        DeepMinMax with FitConfig.paper() (lam 0.5, lr 0.005, one q step, summed NLL)
     dmm          DeepMinMax with today's defaults (FitConfig(), HeadConfig()), with any --set overrides
     matched      dmm plus the experimental group-matching term: residual h_theta, match_weight 10
+    aligned      DeepMinMax with the piecewise-alignment target: HeadConfig.aligned(), FitConfig.aligned(), and
+                 ALIGNED_EPOCHS times the problem's epoch budget
 
 Every DeepMinMax variant is trained on the train split with the problem's epoch budget; every probe is trained on
 train features and scored on the evaluation split (--split val to choose settings, test to report). Reported:
@@ -24,6 +26,7 @@ Example:
     python benchmarks/leakage.py --seeds 0,1,2 --json benchmarks/results/leakage.json
     python benchmarks/leakage.py --problems style,continuous --methods raw,dmm --split val --set match_weight=3
     python benchmarks/leakage.py --problems digits --epochs-scale 2      # stability with training length
+    python benchmarks/leakage.py --methods raw,aligned --merge-into benchmarks/results/leakage.json  # add a variant
 """
 
 from __future__ import annotations
@@ -53,10 +56,18 @@ from problems import PROBLEMS, Problem, SplitData  # noqa: E402
 
 from dmm_wrap import DebiasedEncoder, FitConfig, HeadConfig  # noqa: E402
 
-METHODS = ("raw", "leace", "quadratic", "paper", "dmm", "matched")
+METHODS = ("raw", "leace", "quadratic", "paper", "dmm", "matched", "aligned")
 MATCHED = {"residual": True, "match_weight": 10.0}
 """The matched variant's settings (chosen on the val split of the style problem, seed 0: weights 1, 10, 100 gave
 MLP-probe leakage 0.839, 0.818, 0.746 with task 1.000, 0.999, 0.885)."""
+ALIGNED = {"residual": True, "h_hidden": 256, "align_weight": 100.0, "align_every": 200, "lam": 1.0, "lr": 3e-3}
+"""The aligned variant: HeadConfig.aligned() and FitConfig.aligned() (tests/test_alignment.py checks they agree).
+Chosen on the val split, seed 0: rounds every 400 steps gave continuous R^2 0.19, every 200 steps 0.05; lam 0.5
+(with the retaining term) left additive seed 1 at 0.64, lam 1 gave 0.25 (lam 0, the retaining term alone: 0.86)."""
+ALIGNED_EPOCHS = 10
+"""The aligned variant trains this many times the problem's epoch budget (the vector problems: 200 epochs, the
+paper's count; 3200 steps). Distilling the target to a mean squared error near 0.005 took about 3000 steps on the
+style problem's val split (leak 0.80 at 320 steps, 0.28 at 1600, 0.26 at 3200)."""
 PROBE_HIDDEN = (128, 128)
 
 
@@ -129,11 +140,12 @@ def erased(method: str, ztr: np.ndarray, zev: np.ndarray, train: SplitData, ev: 
 def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, overrides: dict[str, Any],
                 epochs_scale: float) -> tuple[DebiasedEncoder, dict[str, float]]:
     torch.manual_seed(seed)
-    epochs = max(1, round(problem.epochs * epochs_scale))
+    epochs = max(1, round(problem.epochs * epochs_scale * (ALIGNED_EPOCHS if method == "aligned" else 1)))
     if method == "paper":
         head, cfg = HeadConfig(), FitConfig.paper(epochs=epochs)
     else:
-        overrides = {**(problem.fit_options or {}), **overrides, **(MATCHED if method == "matched" else {})}
+        overrides = {**(problem.fit_options or {}), **overrides, **(MATCHED if method == "matched" else {}),
+                     **(ALIGNED if method == "aligned" else {})}
         head = HeadConfig(**{k: v for k, v in overrides.items() if k in HeadConfig.__dataclass_fields__})
         cfg = FitConfig(epochs=epochs, **{k: v for k, v in overrides.items() if k in FitConfig.__dataclass_fields__})
     cfg.progress = False
@@ -202,7 +214,7 @@ def targets(name: str, summary: dict[str, dict[str, Any]], problem: Problem) -> 
     """The quality targets of each DeepMinMax variant on the mean over seeds: fresh-MLP leakage <= chance + 0.05
     (balanced accuracy) or R^2 <= 0.10; task >= raw - 0.02 and >= LEACE; retention >= 0.5 of raw Z's."""
     out = {}
-    for variant in ("paper", "dmm", "matched"):
+    for variant in ("paper", "dmm", "matched", "aligned"):
         if variant in summary:
             out.update({f"{variant}: {k}": v for k, v in _targets(summary[variant], summary, problem).items()})
     return out
@@ -243,6 +255,28 @@ def table(summary: dict[str, dict[str, dict[str, Any]]], problems: dict[str, Pro
     return "\n".join(lines)
 
 
+def merge_into(path: Path, payload: dict[str, Any], problems: dict[str, Problem]) -> dict[str, Any]:
+    """`payload`'s rows added to the results file `path` (same split and seeds); rows both hold must agree."""
+    old = json.loads(path.read_text())
+    if (old["split"], old["seeds"]) != (payload["split"], payload["seeds"]):
+        raise SystemExit(f"--merge-into {path}: it holds split {old['split']} seeds {old['seeds']}, this run "
+                         f"{payload['split']} {payload['seeds']}.")
+    for name, methods in payload["summary"].items():
+        into = old["summary"].setdefault(name, {})
+        for method, stats in methods.items():
+            for key, cell in stats.items():
+                if method in into and key in into[method] and key != "fit_seconds" and not np.allclose(
+                        into[method][key]["values"], cell["values"], rtol=0, atol=1e-9):
+                    raise SystemExit(f"--merge-into {path}: {name}/{method}/{key} differs from the file's "
+                                     f"({into[method][key]['values']} vs {cell['values']}); not merged.")
+            into[method] = stats
+    old["targets"] = {n: targets(n, old["summary"][n], problems[n]) for n in payload["summary"]} | {
+        n: t for n, t in old["targets"].items() if n not in payload["summary"]}
+    old.setdefault("merged", []).append({"overrides": payload["overrides"], "epochs_scale": payload["epochs_scale"],
+                                         "methods": sorted({m for v in payload["summary"].values() for m in v})})
+    return old
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """KEY=VALUE overrides of FitConfig / HeadConfig fields (values parsed as YAML; the configs validate them)."""
     out: dict[str, Any] = {}
@@ -269,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch and BLAS threads (1 by default: on a shared 2-core machine, 2 BLAS threads made "
                              "the probes 9x slower)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--merge-into", default=None, metavar="FILE",
+                        help="add this run's rows to an earlier --json file of the same split and seeds (rows both "
+                             "hold, e.g. raw, must agree) instead of writing a new one")
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
@@ -293,11 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# Leakage suite ({args.split} split, {len(seeds)} seeds, mean ± sd; "
           f"{time.perf_counter() - start:.0f} s; dmm overrides {overrides or 'none'}; epochs x{args.epochs_scale})")
     print(table(summary, problems))
-    if args.json:
-        path = Path(args.json)
+    if args.json or args.merge_into:
+        path = Path(args.merge_into or args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"split": args.split, "seeds": seeds, "overrides": overrides, "epochs_scale": args.epochs_scale,
                    "summary": summary, "targets": {n: targets(n, summary[n], problems[n]) for n in summary}}
+        if args.merge_into:
+            payload = merge_into(path, payload, problems)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(path)

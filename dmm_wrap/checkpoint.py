@@ -288,7 +288,7 @@ class Checkpointer:
         return None
 
 
-_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll", "match")
+_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll", "match", "align")
 
 
 def _history_tensors(history: dict[str, Any]) -> dict[str, Tensor]:

@@ -275,6 +275,10 @@ class DebiasedEncoder(nn.Module):
             base["epochs"] = epochs
         cfg = build_dataclass(FitConfig, base, "fit")
         device = torch.device(cfg.device) if cfg.device is not None else self.device
+        if cfg.align_weight > 0 and not self.head_config.residual:
+            warnings.warn("align_weight > 0 with a non-residual h_theta: the alignment target starts from h_theta's "
+                          "random initial output rather than from Z. Use HeadConfig(residual=True) (see "
+                          "HeadConfig.aligned()).", stacklevel=2)
         prepass = PrePass(loader, self.attributes, self.extractor, cfg, device, self.head_config.standardize)
         if cfg.device is not None:
             self.to(cfg.device)

@@ -27,7 +27,7 @@ class ThetaLosses(NamedTuple):
     """Losses of h_theta for one batch."""
 
     total: Tensor
-    """lam * debias + (1 - lam) * retain + match_weight * match."""
+    """lam * debias + (1 - lam) * retain + match_weight * match + align_weight * align."""
     debias: Tensor
     """L_d: CLUB upper bound of I(B; Z~), summed over attributes."""
     retain: Tensor
@@ -36,6 +36,8 @@ class ThetaLosses(NamedTuple):
     """CLUB estimate per attribute."""
     match: Tensor
     """Group-matching term: sliced Wasserstein distance of each attribute group's Z~ to the batch's (0 when off)."""
+    align: Tensor
+    """Piecewise-alignment term: mean squared distance of Z~ to its aligned target (0 when off)."""
 
 
 class DeepMinMax(nn.Module):
@@ -124,7 +126,8 @@ class DeepMinMax(nn.Module):
 
     def theta_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, lam: float, reduction: str,
                      sums: Tensor | None = None, mean_over_ranks: Callable[[Tensor], Tensor] | None = None,
-                     match: Tensor | None = None, match_weight: float = 0.0) -> ThetaLosses:
+                     match: Tensor | None = None, match_weight: float = 0.0, target: Tensor | None = None,
+                     align_weight: float = 0.0) -> ThetaLosses:
         """Losses of h_theta on a batch.
 
         Args:
@@ -132,6 +135,8 @@ class DeepMinMax(nn.Module):
             mean_over_ranks: maps this rank's value of the (detached) CLUB sum to its mean over ranks; the clamp
                 at 0 is then decided on the global value, as one process with the global batch would.
             match: the batch's `match_loss` (None: the term is off), weighted by `match_weight`.
+            target: the batch's aligned target (`dmm_wrap.alignment`; None: the term is off), weighted by
+                `align_weight`.
         """
         if sums is None:
             sums = self.pair_sums(b)
@@ -150,7 +155,12 @@ class DeepMinMax(nn.Module):
             match = total.new_zeros(())
         else:
             total = total + match_weight * match
-        return ThetaLosses(total, debias, retain, club, match)
+        if target is None:
+            align = total.new_zeros(())
+        else:
+            align = (z_tilde - target).pow(2).mean()
+            total = total + align_weight * align
+        return ThetaLosses(total, debias, retain, club, match, align)
 
     def estimator_parameters(self) -> list[nn.Parameter]:
         return list(self.q.parameters()) + list(self.m.parameters())

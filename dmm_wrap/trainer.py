@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .alignment import AlignmentTarget, PiecewiseAlignment, fit_alignment
 from .checkpoint import (Checkpoint, Checkpointer, Position, TrainingInterrupted, capture_rng, check_fingerprint,
                          load_optimizer_state, restore_rng)
 from .config import Attribute, FitConfig
@@ -36,7 +37,7 @@ class FitHistory:
     step: list[int] = field(default_factory=list)
     """Index of the h_theta step (0-based, counting warm-up steps)."""
     loss: list[float] = field(default_factory=list)
-    """lam * L_d + (1 - lam) * L_r + match_weight * match."""
+    """lam * L_d + (1 - lam) * L_r + match_weight * match + align_weight * align."""
     debias: list[float] = field(default_factory=list)
     """L_d, the CLUB estimate of I(B; Z~) summed over attributes (nats)."""
     retain: list[float] = field(default_factory=list)
@@ -45,6 +46,8 @@ class FitHistory:
     """Fit loss of CLUB's q networks."""
     match: list[float] = field(default_factory=list)
     """Group-matching term: sliced Wasserstein distance of each attribute group's Z~ to the batch's (0 when off)."""
+    align: list[float] = field(default_factory=list)
+    """Piecewise-alignment term: mean squared distance of Z~ to its aligned target (0 when off)."""
     club: dict[str, list[float]] = field(default_factory=dict)
     """CLUB estimate per attribute."""
     steps_done: int = 0
@@ -52,7 +55,7 @@ class FitHistory:
 
     def as_dict(self) -> dict[str, Any]:
         return {"step": self.step, "loss": self.loss, "debias": self.debias, "retain": self.retain,
-                "q_nll": self.q_nll, "match": self.match, "club": self.club, "steps_done": self.steps_done}
+                "q_nll": self.q_nll, "match": self.match, "align": self.align, "club": self.club, "steps_done": self.steps_done}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitHistory:
@@ -292,15 +295,21 @@ class PrePass:
             self._batches = None
 
 
-def estimate_statistics(objective: DeepMinMax, prepass: PrePass) -> None:
-    """Fill the standardisation buffers from the pre-pass's batches (`PrePass.statistics_batches`)."""
+def estimate_statistics(objective: DeepMinMax, prepass: PrePass, keep: int = 0) -> tuple[Tensor, Tensor]:
+    """Fill the standardisation buffers from the pre-pass's batches (`PrePass.statistics_batches`); return the
+    first `keep` of their samples (features, attributes) on the CPU, for the alignment."""
     attributes = objective.attributes
     zs = RunningMoments(objective.feature_dim)
     bs = RunningMoments(len(attributes))
+    sample: list[tuple[Tensor, Tensor]] = []
+    held = 0
     with fail_together("statistics pre-pass"):  # a bad batch on one rank must not leave the others in the merge
         for z, b in prepass.statistics_batches():
             zs.update(z)
             bs.update(b)
+            if held < keep:
+                sample.append((z[:keep - held].float().cpu(), b[:keep - held].float().cpu()))
+                held += len(sample[-1][0])
     zs, bs = zs.merge_ranks(), bs.merge_ranks()  # data-parallel: statistics of the union of the ranks' shards
     if zs.n == 0:
         raise ValueError(EMPTY_LOADER)
@@ -311,6 +320,39 @@ def estimate_statistics(objective: DeepMinMax, prepass: PrePass) -> None:
     continuous = torch.tensor([a.kind == "continuous" for a in attributes])
     objective.attr_mean.copy_(torch.where(continuous, bs.mean.float(), torch.zeros(())))
     objective.attr_std.copy_(torch.where(continuous, bs.std.float(), torch.ones(())))
+    if not sample:
+        return torch.zeros(0, objective.feature_dim), torch.zeros(0, len(attributes))
+    return torch.cat([z for z, _ in sample]), torch.cat([b for _, b in sample])
+
+
+def fit_alignment_target(objective: DeepMinMax, z: Tensor, b: Tensor, cfg: FitConfig) -> AlignmentTarget:
+    """Round 0 of the alignment target (`dmm_wrap.alignment`), from the pre-pass's sample of raw features and
+    attributes. Data-parallel: the ranks' samples are gathered (at most `cfg.align_samples` in all) on every rank."""
+    parts = all_gather_object((z[:cfg.align_samples // world_size()], b[:cfg.align_samples // world_size()]))
+    with torch.no_grad():
+        device = objective.feature_mean.device
+        z_std = objective.normalize(torch.cat([p[0] for p in parts]).to(device))
+        b_std = objective.normalize_attrs(torch.cat([p[1] for p in parts]).to(device))
+    target = AlignmentTarget(objective.h, z_std, b_std, PiecewiseAlignment([]))
+    refit_alignment(objective, target, cfg)
+    return target
+
+
+def refit_alignment(objective: DeepMinMax, target: AlignmentTarget, cfg: FitConfig) -> None:
+    """Start a round of the alignment target: copy h_theta, fit the alignment on its output for the sample (rank 0;
+    every rank receives the buffers). The piece counts of round 0 are kept."""
+    features = target.snapshot_features(objective.h)
+    state = None
+    if is_main_process():
+        clusters = ([stage.centroids.shape[1] for stage in target.alignment.stages] if len(target.alignment.stages)
+                    else cfg.align_clusters)
+        fitted = fit_alignment(features, target.sample_b.cpu(), objective.attributes, clusters, cfg.align_bins,
+                               cfg.align_maps, seed=0)
+        state = {k: v.cpu() for k, v in fitted.state_dict().items()}
+    state = broadcast_object(state)
+    alignment = PiecewiseAlignment.empty_like(state)
+    alignment.load_state_dict(state)
+    target.alignment = alignment.to(target.sample_z.device)
 
 
 class EstimatorLoss(nn.Module):
@@ -440,8 +482,6 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
     With `cfg.checkpoint_dir`, a checkpoint is written every `cfg.checkpoint_every` steps, at the end, and on
     SIGINT / SIGTERM (then TrainingInterrupted is raised); `cfg.resume` continues from the newest intact one.
     """
-    from tqdm.auto import tqdm
-
     ddp = is_distributed()
     if ddp and device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's collectives (and the object ones) run on the current device
@@ -456,10 +496,54 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
     resumed = _find_resume_point(checkpointer, objective, cfg, run_fingerprint)
     if prepass is None:
         prepass = PrePass(loader, objective.attributes, extract, cfg, device, objective.cfg.standardize)
+    aligning = cfg.align_weight > 0
     if resumed is not None:
         prepass.close()  # the checkpoint holds the statistics; its epoch is replayed from its RNG states
-    elif objective.cfg.standardize:
-        estimate_statistics(objective, prepass)
+        _check_resumed_alignment(resumed, aligning)
+        if aligning:
+            objective.alignment = AlignmentTarget.empty_like(objective.h, resumed.heads, "alignment.").to(device)
+    else:
+        keep = cfg.align_samples if aligning else 0
+        if objective.cfg.standardize:
+            sample = estimate_statistics(objective, prepass, keep)
+        elif aligning:
+            sample = _first_samples(prepass, keep)
+        if aligning:
+            objective.alignment = fit_alignment_target(objective, *sample, cfg)
+    try:
+        return _train(objective, loader, extract, cfg, device, prepass, checkpointer, resumed, run_fingerprint, ddp)
+    finally:
+        if hasattr(objective, "alignment"):
+            del objective.alignment  # a training target, not part of the fitted model
+
+
+def _first_samples(prepass: PrePass, keep: int) -> tuple[Tensor, Tensor]:
+    """The first `keep` samples of the pre-pass's batches (without standardisation statistics)."""
+    zs, bs, held = [], [], 0
+    for z, b in prepass.statistics_batches():
+        zs.append(z[:keep - held].float().cpu())
+        bs.append(b[:keep - held].float().cpu())
+        held += len(zs[-1])
+        if held >= keep:
+            break
+    return torch.cat(zs), torch.cat(bs)
+
+
+def _check_resumed_alignment(resumed: Checkpoint, aligning: bool) -> None:
+    has = any(k.startswith("alignment.") for k in resumed.heads)
+    if has != aligning:
+        raise ValueError(
+            f"{resumed.path} was written by a run {'with' if has else 'without'} the alignment term, and this run has "
+            f"align_weight={'0' if has else '> 0'}. Resume with the FitConfig of the run that wrote it, or start a new "
+            "run in another checkpoint_dir.")
+
+
+def _train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], Tensor], cfg: FitConfig,
+           device: torch.device, prepass: PrePass, checkpointer: Checkpointer | None, resumed: Checkpoint | None,
+           run_fingerprint: dict[str, Any], ddp: bool) -> FitHistory:
+    """The training loop of `train`, once the statistics (and any alignment target) are in place."""
+    from tqdm.auto import tqdm
+
     fused = {"foreach": True}
     opt_h = torch.optim.Adam(objective.h.parameters(), lr=cfg.lr, **fused)
     opt_est = torch.optim.Adam(objective.estimator_parameters(), lr=cfg.estimator_lr or cfg.lr, **fused)
@@ -549,6 +633,9 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
                     position.batches += 1
                     if not ddp and z.shape[0] < 2:
                         continue  # CLUB's pairwise term needs at least two samples
+                    if cfg.align_weight > 0 and position.step > 0 and position.step % cfg.align_every == 0:
+                        with fail_together(f"Step {position.step}: refitting the alignment target"):
+                            refit_alignment(objective, objective.alignment, cfg)
                     _step(objective, h_net, est_net, opt_h, opt_est, z, b, sums, position.step, cfg, history, ddp)
                     bar.update(1)
                     position.step += 1
@@ -661,12 +748,14 @@ def _step(objective: DeepMinMax, h_net: nn.Module, est_net: nn.Module, opt_h: to
         opt_est.zero_grad(set_to_none=True)
         est[0].backward()
         opt_est.step()
+    target = objective.alignment(z_std, b) if cfg.align_weight > 0 else None
     match = None
     if cfg.match_weight > 0:
         match = objective.match_loss(z_tilde, b, step, cfg.match_projections, cfg.match_bins,
                                      _gather_over_ranks if ddp else None)
     losses = objective.theta_losses(z_std, z_tilde, b, cfg.lam, cfg.nll_reduction, sums,
-                                    _mean_over_ranks if ddp else None, match, cfg.match_weight)
+                                    _mean_over_ranks if ddp else None, match, cfg.match_weight, target,
+                                    cfg.align_weight)
     if step >= cfg.warmup_steps:
         opt_h.zero_grad(set_to_none=True)
         losses.total.backward(inputs=list(objective.h.parameters()))
@@ -682,7 +771,7 @@ def _step(objective: DeepMinMax, h_net: nn.Module, est_net: nn.Module, opt_h: to
 
 
 def _record(history: FitHistory, step: int, losses: Any, q_nll: Tensor, ddp: bool) -> None:
-    values = torch.stack([losses.total, losses.debias, losses.retain, q_nll, losses.match,
+    values = torch.stack([losses.total, losses.debias, losses.retain, q_nll, losses.match, losses.align,
                           *losses.club.values()]).detach()
     if ddp:
         values = _mean_over_ranks(values)  # the global batch's values, the same on every rank
@@ -693,7 +782,8 @@ def _record(history: FitHistory, step: int, losses: Any, q_nll: Tensor, ddp: boo
     history.retain.append(values[2])
     history.q_nll.append(values[3])
     history.match.append(values[4])
-    for name, v in zip(losses.club, values[5:]):
+    history.align.append(values[5])
+    for name, v in zip(losses.club, values[6:]):
         history.club[name].append(v)
 
 

@@ -64,6 +64,22 @@ def test_two_gloo_ranks_agree_and_match_one_process_with_the_global_batch(tmp_pa
         assert histories[0][key] == pytest.approx(histories[1][key], abs=1e-4)
 
 
+def test_alignment_target_is_the_same_on_both_ranks(tmp_path: Path) -> None:
+    # Rank 0 fits the target on both ranks' gathered pre-pass samples (and refits it every 5 steps) and sends it to
+    # rank 1: both ranks hold the same target, fitted on the global sample, in every round.
+    common = ["--steps", "12", "--align-weight", "10.0"]
+    _torchrun(2, str(SCRIPT), "--out", str(tmp_path / "ddp"), "--batch-size", "32", *common)
+    for round_ in range(3):  # round 0, then refits at steps 5 and 10
+        rank0, rank1 = (load_file(tmp_path / "ddp" / f"align-rank{r}-{round_}.safetensors") for r in (0, 1))
+        assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        assert rank0["sample_z"].shape[0] == 2 * 4 * 32  # both ranks' 4 statistics batches of 32
+        assert rank0["alignment.stages.0.centroids"].abs().sum() > 0
+    first, second = (load_file(tmp_path / "ddp" / f"align-rank0-{n}.safetensors") for n in (0, 1))
+    assert not torch.equal(first["alignment.stages.0.target_mean"], second["alignment.stages.0.target_mean"])
+    history = json.loads((tmp_path / "ddp" / "history-rank0.json").read_text())
+    assert min(history["align"]) > 0
+
+
 def test_matching_term_over_two_ranks_matches_one_process(tmp_path: Path) -> None:
     # The group-matching term gathers the projected Z~ of both ranks: its groups and quantiles are the global batch's.
     common = ["--steps", "12", "--match-weight", "1.0"]

@@ -39,6 +39,21 @@ class NoisyData(Dataset):
         return self.x[i] + 0.05 * torch.randn(self.x.shape[1]), self.attrs[i]
 
 
+def _record_alignment_rounds(out: Path) -> None:
+    """Save each rank's alignment target after every round (OUT/align-rank<r>-<round>.safetensors)."""
+    from dmm_wrap import trainer
+
+    refit, rounds = trainer.refit_alignment, [0]
+
+    def recording(objective, target, cfg) -> None:
+        refit(objective, target, cfg)
+        state = {k: v.contiguous().cpu() for k, v in target.state_dict().items()}
+        save_file(state, str(out / f"align-rank{distributed.rank()}-{rounds[0]}.safetensors"))
+        rounds[0] += 1
+
+    trainer.refit_alignment = recording
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -51,6 +66,7 @@ def main() -> int:
     parser.add_argument("--uneven", type=int, default=0, help="rank 1 gets this many fewer samples")
     parser.add_argument("--nan-at", type=int, default=None, help="rank 1's sample with this index is NaN")
     parser.add_argument("--match-weight", type=float, default=0.0, help="FitConfig.match_weight")
+    parser.add_argument("--align-weight", type=float, default=0.0, help="FitConfig.align_weight (residual h_theta)")
     parser.add_argument("--shuffle", action="store_true", help="shuffled shards and noise from each rank's RNG")
     parser.add_argument("--gate-at", type=int, default=None,
                         help="rank 0 blocks before the forward of this step until OUT/release exists")
@@ -75,11 +91,15 @@ def main() -> int:
         # step k's batch (test_distributed.py explains where uneven shards shift this).
         assert args.gate_at >= 4
         backbone.register_forward_pre_hook(Gate(out, args.gate_at + 1))
-    model = DebiasedEncoder(backbone, None, [Attribute("site", "categorical", 3), Attribute("level", "continuous")])
+    if args.align_weight > 0:
+        _record_alignment_rounds(out)
+    model = DebiasedEncoder(backbone, None, [Attribute("site", "categorical", 3), Attribute("level", "continuous")],
+                            residual=args.align_weight > 0)
     try:
         history = model.fit(loader, max_steps=args.steps, epochs=args.epochs, estimator_steps=2, stats_batches=4,
                             progress=False, checkpoint_dir=args.checkpoint_dir, checkpoint_every=5,
-                            resume=args.resume, match_weight=args.match_weight)
+                            resume=args.resume, match_weight=args.match_weight,
+                            align_weight=args.align_weight, align_every=5)
     except TrainingInterrupted as err:
         sys.stdout.write(f"rank {distributed.rank()} interrupted at step {err.step}\n")  # one write: lines of the
         sys.stdout.flush()  # two ranks share a pipe

@@ -1,0 +1,315 @@
+"""Piecewise alignment: a label-free target for h_theta that moves each attribute group's features onto the others'.
+
+An attribute that is entangled with the content moves and reshapes each piece of the feature distribution (a class,
+a mode) differently per group; a pooled penalty (CLUB, MMD, HSIC) cannot see which piece of one group corresponds to
+which piece of another, and any permutation satisfies it. This module fixes the correspondence from geometry, on a
+bounded sample of standardised features (the training's statistics pre-pass):
+
+1. split the sample into groups: the classes of a categorical attribute, or quantile bins of a continuous one;
+2. cluster each group into K pieces (k-means; K by the silhouette score unless given);
+3. match pieces across groups by least movement: a categorical attribute's groups against their barycentre (Hungarian
+   assignment, iterated), a continuous attribute's bins in order, each to the previous one (its smoothness);
+4. map each group's piece onto the pooled piece by the Gaussian optimal-transport map of its mean and covariance
+   (a shift, or a per-coordinate scale, where full covariances would not fit: see `maps`).
+
+Attributes are aligned one after the other, each on the previous one's output. The result, `PiecewiseAlignment`,
+needs B and so serves only as a training target: `align_weight * mean((h(z) - T(z, b))^2)` distils it into h_theta,
+which needs no B at inference.
+
+Example:
+    >>> align = fit_alignment(z_std, b, attributes, clusters=None, bins=8, maps="full", seed=0)
+    >>> target = align(z_std, b)   # [N, D]
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import Attribute
+
+MapKind = Literal["full", "diagonal", "shift"]
+AUTO_CLUSTERS = range(2, 13)
+"""Cluster counts the silhouette score chooses from when `clusters` is None."""
+MIN_PIECE = 3
+"""A piece with fewer samples than this is only shifted, not reshaped."""
+SILHOUETTE_SAMPLE = 2000
+"""Samples of one group the silhouette score is computed on (its cost is quadratic)."""
+
+
+class AlignmentStage(nn.Module):
+    """One attribute's alignment: per group, K centroids (to assign a sample to a piece) and each piece's affine map."""
+
+    def __init__(self, groups: int, clusters: int, dim: int, maps: MapKind, edges: Tensor | None = None) -> None:
+        super().__init__()
+        self.maps = maps
+        self.register_buffer("centroids", torch.zeros(groups, clusters, dim))
+        self.register_buffer("source_mean", torch.zeros(groups, clusters, dim))
+        """Mean of group g's piece k."""
+        self.register_buffer("target_mean", torch.zeros(groups, clusters, dim))
+        """Mean of the pooled piece that group g's piece k is matched to."""
+        shape = (groups, clusters, dim, dim) if maps == "full" else (groups, clusters, dim)
+        self.register_buffer("linear", torch.zeros(shape) if maps != "shift" else torch.ones(groups, clusters, 1))
+        self.register_buffer("edges", edges if edges is not None else torch.zeros(0))
+        """Quantile edges of a continuous attribute's bins (empty: categorical, the class id is the group)."""
+
+    def groups_of(self, b: Tensor) -> Tensor:
+        if self.edges.numel() == 0:
+            return b.long()
+        return torch.bucketize(b.contiguous(), self.edges.to(b.dtype), right=True)
+
+    def apply(self, z: Tensor, g: Tensor) -> Tensor:
+        """Group g's map of each sample: its nearest piece's mean moved onto the pooled piece's, its shape mapped."""
+        g = g.clamp(0, self.centroids.shape[0] - 1)
+        k = torch.cdist(z[:, None, :], self.centroids[g]).squeeze(1).argmin(1)
+        centred = z - self.source_mean[g, k]
+        if self.maps == "full":
+            moved = torch.einsum("nij,nj->ni", self.linear[g, k], centred)
+        else:
+            moved = self.linear[g, k] * centred
+        return self.target_mean[g, k] + moved
+
+    def forward(self, z: Tensor, b: Tensor) -> Tensor:
+        if self.edges.numel() == 0:
+            return self.apply(z, b.long())
+        # A continuous attribute: blend the maps of the two bins whose centres enclose b, so that the target moves
+        # smoothly with b (a target that jumps at every bin edge is one h_theta cannot follow from Z alone).
+        centres = self.centres.to(b.dtype)
+        upper = torch.bucketize(b.contiguous(), centres).clamp(1, len(centres) - 1)
+        lower = upper - 1
+        weight = (b - centres[lower]) / (centres[upper] - centres[lower]).clamp_min(1e-12)
+        # Inside, interpolate; beyond the outer centres, extrapolate the outer segment (by at most its length).
+        lo = torch.where(lower == 0, -1.0, 0.0).to(weight.dtype)
+        hi = torch.where(upper == len(centres) - 1, 2.0, 1.0).to(weight.dtype)
+        weight = torch.minimum(torch.maximum(weight, lo), hi)[:, None]
+        return (1 - weight) * self.apply(z, lower) + weight * self.apply(z, upper)
+
+    @property
+    def centres(self) -> Tensor:
+        """Centres of a continuous attribute's bins: midpoints of the edges, the outer ones mirrored."""
+        e = self.edges
+        if len(e) == 1:
+            return torch.stack([e[0] - 1, e[0] + 1])
+        inner = (e[1:] + e[:-1]) / 2
+        return torch.cat([(2 * e[:1] - inner[:1]), inner, (2 * e[-1:] - inner[-1:])])
+
+
+class PiecewiseAlignment(nn.Module):
+    """T(z, b): every attribute's `AlignmentStage`, applied in order. A training target only (it needs B)."""
+
+    def __init__(self, stages: list[AlignmentStage]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    @torch.no_grad()
+    def forward(self, z: Tensor, b: Tensor) -> Tensor:
+        for k, stage in enumerate(self.stages):
+            z = stage(z, b[:, k])
+        return z
+
+    @classmethod
+    def empty_like(cls, state: dict[str, Tensor], prefix: str = "") -> PiecewiseAlignment:
+        """Stages shaped as in a saved `state_dict` (to load a checkpoint into)."""
+        stages, k = [], 0
+        while f"{prefix}stages.{k}.centroids" in state:
+            centroids = state[f"{prefix}stages.{k}.centroids"]
+            linear = state[f"{prefix}stages.{k}.linear"]
+            maps: MapKind = "full" if linear.dim() == 4 else "shift" if linear.shape[-1] == 1 else "diagonal"
+            g, c, d = centroids.shape
+            stages.append(AlignmentStage(g, c, d, maps, torch.zeros_like(state[f"{prefix}stages.{k}.edges"])))
+            k += 1
+        return cls(stages)
+
+
+class AlignmentTarget(nn.Module):
+    """The training target of h_theta, refitted in rounds: T_r(h_r(z), b), where h_r is a frozen copy of h_theta
+    taken at round r and T_r the alignment fitted on h_r's output for a fixed sample of the stream.
+
+    Round 0 aligns Z itself (h_theta starts as the identity with `HeadConfig(residual=True)`). Each later round sees
+    what h_theta's distillation of the previous target left of the attribute and aligns that, so the residue shrinks
+    from round to round instead of staying as the distillation's error. The piece count is chosen in round 0 and
+    kept, so the target's shapes do not change.
+
+    Memory: the sample, `align_samples` x (feature_dim + attributes) floats, plus a copy of h_theta and the maps.
+    """
+
+    def __init__(self, h: nn.Module, sample_z: Tensor, sample_b: Tensor, alignment: PiecewiseAlignment) -> None:
+        super().__init__()
+        import copy
+
+        self.snapshot = copy.deepcopy(h).requires_grad_(False)
+        self.alignment = alignment
+        self.register_buffer("sample_z", sample_z)
+        """The standardised features of the pre-pass sample the alignment is fitted on."""
+        self.register_buffer("sample_b", sample_b)
+        """Their standardised attributes."""
+
+    @torch.no_grad()
+    def forward(self, z_std: Tensor, b: Tensor) -> Tensor:
+        return self.alignment(self.snapshot(z_std), b)
+
+    @torch.no_grad()
+    def snapshot_features(self, h: nn.Module, chunk: int = 4096) -> Tensor:
+        """Take a copy of h and return its output on the sample (on the CPU)."""
+        self.snapshot.load_state_dict(h.state_dict())
+        return torch.cat([self.snapshot(self.sample_z[i:i + chunk]).cpu() for i in range(0, len(self.sample_z), chunk)])
+
+    @classmethod
+    def empty_like(cls, h: nn.Module, state: dict[str, Tensor], prefix: str = "") -> AlignmentTarget:
+        """A target shaped as in a saved `state_dict` (to load a checkpoint into)."""
+        return cls(h, torch.zeros_like(state[f"{prefix}sample_z"]), torch.zeros_like(state[f"{prefix}sample_b"]),
+                   PiecewiseAlignment.empty_like(state, f"{prefix}alignment."))
+
+
+def default_maps(dim: int) -> MapKind:
+    """Full covariance maps up to 256 features (groups x K x D^2 floats), a per-coordinate scale beyond."""
+    return "full" if dim <= 256 else "diagonal"
+
+
+def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
+                  bins: int, maps: MapKind | None, seed: int, shrinkage: float = 0.1) -> PiecewiseAlignment:
+    """Fit the alignment on a sample of standardised features z [N, D] and attributes b [N, A] (class ids, values).
+
+    Args:
+        clusters: pieces per group, for all attributes or one per attribute (None: chosen by the silhouette score
+            of the first group, from 2 to 12).
+        bins: quantile bins of a continuous attribute.
+        maps: "full" (Gaussian OT map of each piece's covariance), "diagonal" or "shift"; None: `default_maps`.
+        shrinkage: each piece's covariance is shrunk towards its mean variance by this fraction (few samples per
+            piece in many dimensions).
+    """
+    x = z.detach().double().cpu().numpy()
+    cols = b.detach().double().cpu().numpy()
+    maps = maps or default_maps(x.shape[1])
+    stages = []
+    for k, attr in enumerate(attributes):
+        col = cols[:, k]
+        if attr.kind == "categorical":
+            groups, edges = col.astype(int), None
+            count = int(attr.num_classes or groups.max() + 1)
+        else:
+            edges = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)[1:-1]))
+            groups, count = np.searchsorted(edges, col, side="right"), len(edges) + 1
+        sizes = np.bincount(groups, minlength=count)
+        present = [g for g in range(count) if sizes[g] > 0]
+        smallest = min(sizes[g] for g in present)
+        given = clusters[k] if isinstance(clusters, list) else clusters
+        pieces = given or _choose_clusters(x[groups == present[0]], seed)
+        pieces = max(1, min(pieces, smallest // 2))
+        stage = _fit_stage(x, groups, count, present, pieces, attr.kind == "continuous", maps, seed, shrinkage,
+                           None if edges is None else torch.from_numpy(edges).float())
+        stages.append(stage)
+        x = stage(torch.from_numpy(x).float(), torch.from_numpy(col).float()).double().numpy()
+    return PiecewiseAlignment(stages)
+
+
+def _choose_clusters(x: np.ndarray, seed: int) -> int:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    sample = x[:SILHOUETTE_SAMPLE]
+    best, chosen = -np.inf, AUTO_CLUSTERS[0]
+    for k in AUTO_CLUSTERS:
+        if k >= len(sample):
+            break
+        labels = KMeans(k, n_init=3, random_state=seed).fit_predict(sample)
+        if len(set(labels)) < 2:
+            continue
+        score = silhouette_score(sample, labels)
+        if score > best:
+            best, chosen = score, k
+    return chosen
+
+
+def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int], pieces: int, ordered: bool,
+               maps: MapKind, seed: int, shrinkage: float, edges: Tensor | None) -> AlignmentStage:
+    from sklearn.cluster import KMeans
+
+    dim = x.shape[1]
+    centroids = np.zeros((count, pieces, dim))
+    assign = np.zeros(len(x), dtype=int)
+    for g in present:
+        km = KMeans(pieces, n_init=5, random_state=seed).fit(x[groups == g])
+        centroids[g], assign[groups == g] = km.cluster_centers_, km.labels_
+    slots = _match(centroids, present, ordered)  # slots[g, k]: the pooled piece group g's piece k belongs to
+    slot_of = slots[groups, assign]
+    stage = AlignmentStage(count, pieces, dim, maps, edges)
+    for s in range(pieces):
+        pooled = x[slot_of == s]
+        mu, cov = pooled.mean(0), _covariance(pooled, shrinkage)
+        for g in present:
+            k = int(np.flatnonzero(slots[g] == s)[0])
+            own = x[(groups == g) & (assign == k)]
+            stage.source_mean[g, k] = torch.from_numpy(own.mean(0))
+            stage.target_mean[g, k] = torch.from_numpy(mu)
+            if len(own) < MIN_PIECE:  # too few to estimate a shape: the piece is only moved
+                stage.linear[g, k] = torch.eye(dim) if maps == "full" else 1
+            elif maps == "full":
+                stage.linear[g, k] = torch.from_numpy(_gaussian_map(_covariance(own, shrinkage), cov))
+            elif maps == "diagonal":
+                stage.linear[g, k] = torch.from_numpy(np.sqrt(np.diag(cov) / np.diag(_covariance(own, shrinkage))))
+    for g in set(range(count)) - set(present):  # a group absent from the sample: left where it is
+        stage.centroids[g] = 0
+        if maps == "full":
+            stage.linear[g] = torch.eye(dim)
+        else:
+            stage.linear[g] = 1
+    stage.centroids[present] = torch.from_numpy(centroids[present]).float()
+    return stage
+
+
+def _match(centroids: np.ndarray, present: list[int], ordered: bool) -> np.ndarray:
+    """Which pooled piece each group's piece belongs to, by least movement: in order along a continuous attribute's
+    bins (each bin to the previous one), or against the groups' barycentre (iterated) for a categorical one."""
+    from scipy.optimize import linear_sum_assignment
+
+    count, pieces, _ = centroids.shape
+    slots = np.tile(np.arange(pieces), (count, 1))
+
+    def assign(own: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        rows, cols = linear_sum_assignment(((own[:, None] - ref[None]) ** 2).sum(-1))
+        out = np.empty(pieces, dtype=int)
+        out[rows] = cols
+        return out
+
+    if ordered:
+        ref = centroids[present[0]]
+        for g in present[1:]:
+            slots[g] = assign(centroids[g], ref)
+            ref = np.empty_like(ref)
+            ref[slots[g]] = centroids[g]
+        return slots
+    ref = centroids[present[0]]
+    for _ in range(10):
+        for g in present:
+            slots[g] = assign(centroids[g], ref)
+        new = np.zeros_like(ref)
+        for g in present:
+            new[slots[g]] += centroids[g] / len(present)
+        if np.allclose(new, ref):
+            break
+        ref = new
+    return slots
+
+
+def _covariance(x: np.ndarray, shrinkage: float) -> np.ndarray:
+    cov = np.cov(x.T) if len(x) > 1 else np.zeros((x.shape[1], x.shape[1]))
+    cov = np.atleast_2d(cov)
+    scale = max(np.trace(cov) / len(cov), 1e-6)
+    return (1 - shrinkage) * cov + shrinkage * scale * np.eye(len(cov))
+
+
+def _gaussian_map(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The optimal-transport map between centred Gaussians: S^-1/2 (S^1/2 T S^1/2)^1/2 S^-1/2."""
+    w, v = np.linalg.eigh(source)
+    w = np.clip(w, 1e-10, None)
+    root, inv_root = (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
+    w2, v2 = np.linalg.eigh(root @ target @ root)
+    middle = (v2 * np.sqrt(np.clip(w2, 0, None))) @ v2.T
+    return inv_root @ middle @ inv_root
+
+
+__all__ = ["AlignmentStage", "AlignmentTarget", "PiecewiseAlignment", "fit_alignment", "default_maps"]

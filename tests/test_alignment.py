@@ -1,0 +1,164 @@
+"""The piecewise-alignment target (dmm_wrap.alignment) and its term in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.neural_network import MLPClassifier
+from torch.utils.data import DataLoader, TensorDataset
+
+from dmm_wrap import Attribute, DebiasedEncoder, FitConfig
+from dmm_wrap.alignment import PiecewiseAlignment, _gaussian_map, fit_alignment
+
+GROUP = (Attribute("group", "categorical", 3),)
+
+
+def _mixture(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4 classes in 6-d; each of 3 groups moves, stretches and bends every class differently (near-identity)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)) * 6
+    y = torch.randint(0, 4, (n,), generator=g)
+    b = torch.randint(0, 3, (n,), generator=g)
+    shift = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1)) * 0.6
+    scale = 0.7 + 0.6 * torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(n, 6, generator=g) * scale[b]
+    z = means[y] + shift[b, y] + noise + 0.3 * torch.tanh(noise) * b[:, None]
+    return z, b.float()[:, None], y
+
+
+def _probe(train_x, train_b, test_x, test_b) -> float:
+    clf = MLPClassifier(hidden_layer_sizes=(64, 64), max_iter=400, random_state=0).fit(train_x, train_b)
+    return balanced_accuracy_score(test_b, clf.predict(test_x))
+
+
+def test_gaussian_map_sends_one_covariance_to_the_other() -> None:
+    # Closed form: the OT map A between N(0, S) and N(0, T) is symmetric and A S A = T.
+    rng = np.random.default_rng(0)
+    a, c = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    s, t = a @ a.T + 0.1 * np.eye(5), c @ c.T + 0.1 * np.eye(5)
+    m = _gaussian_map(s, t)
+    np.testing.assert_allclose(m, m.T, atol=1e-8)
+    np.testing.assert_allclose(m @ s @ m, t, atol=1e-6)
+    assert np.linalg.eigvalsh(m).min() > 0
+
+
+def test_alignment_matches_the_same_content_across_groups_and_removes_the_group() -> None:
+    z, b, y = _mixture(3000, 0)
+    align = fit_alignment(z, b, GROUP, clusters=None, bins=8, maps="full", seed=0)
+    assert align.stages[0].centroids.shape == (3, 4, 6)  # the silhouette score found the 4 classes
+    target = align(z, b)
+    # Each class lands on one place whatever its group: the matching followed the content, not a permutation of it.
+    for k in range(4):
+        means = torch.stack([target[(y == k) & (b[:, 0] == g)].mean(0) for g in range(3)])
+        assert (means - means.mean(0)).norm(dim=1).max() < 0.15
+    zt, bt, _ = _mixture(1500, 1)
+    raw = _probe(z.numpy(), b[:, 0].numpy(), zt.numpy(), bt[:, 0].numpy())
+    aligned = _probe(target.numpy(), b[:, 0].numpy(), align(zt, bt).numpy(), bt[:, 0].numpy())
+    assert raw > 0.6  # negative control: the group is readable before (chance 1/3)
+    assert aligned < 1 / 3 + 0.06
+    # The classes survive.
+    assert _probe(target.numpy(), y.numpy(), align(zt, bt).numpy(), _mixture(1500, 1)[2].numpy()) > 0.97
+
+
+def test_continuous_attribute_is_chained_from_bin_to_bin() -> None:
+    # Two clusters drift steadily with b; matching each bin to its neighbour keeps them apart at every b.
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    y = torch.randint(0, 2, (n,), generator=g)
+    b = torch.rand(n, generator=g) * 2 - 1
+    base = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])[y]
+    z = base + torch.stack([torch.zeros(n), 2.5 * b], 1) + 0.3 * torch.randn(n, 2, generator=g)
+    align = fit_alignment(z, b[:, None], (Attribute("angle", "continuous"),), clusters=2, bins=8, maps="shift", seed=0)
+    target = align(z, b[:, None])
+    assert torch.corrcoef(torch.stack([target[:, 1], b]))[0, 1].abs() < 0.1  # raw: about 0.97
+    assert torch.corrcoef(torch.stack([z[:, 1], b]))[0, 1].abs() > 0.9
+    assert ((target[:, 0] > 0).long() == y).float().mean() > 0.99
+
+
+def test_empty_like_rebuilds_the_shapes_of_a_state() -> None:
+    z, b, _ = _mixture(600, 0)
+    align = fit_alignment(z, b, GROUP, clusters=3, bins=8, maps="diagonal", seed=0)
+    state = {f"alignment.{k}": v for k, v in align.state_dict().items()}
+    copy = PiecewiseAlignment.empty_like(state, "alignment.")
+    copy.load_state_dict(align.state_dict())
+    torch.testing.assert_close(copy(z, b), align(z, b), rtol=0, atol=0)
+
+
+def _shifted(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 well-separated classes in 6-d, each of 3 groups shifting them by its own offset: the group is readable."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.tensor([[8.0, 0, 0, 0, 0, 0], [0, 8.0, 0, 0, 0, 0], [0, 0, 8.0, 0, 0, 0]])
+    offsets = torch.tensor([[0, 0, 0, 3.0, 0, 0], [0, 0, 0, 0, 3.0, 0], [0, 0, 0, 0, 0, 3.0]])
+    y, b = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    return means[y] + offsets[b] + 0.5 * torch.randn(n, 6, generator=g), b.float()[:, None]
+
+
+def _loader(n: int = 512) -> DataLoader:
+    z, b = _shifted(n, 0)
+    return DataLoader(TensorDataset(z, b), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def test_fit_distils_the_target_and_leaves_it_out_of_the_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    enc = DebiasedEncoder(torch.nn.Identity(), None, GROUP, residual=True)
+    history = enc.fit(_loader(), config=FitConfig(epochs=20, lr=3e-3, align_weight=100.0, progress=False))
+    assert len(history.align) == len(history.loss) and min(history.align) > 0
+    assert np.mean(history.align[-8:]) < 0.6 * np.mean(history.align[:8])
+    off = DebiasedEncoder(torch.nn.Identity(), None, GROUP, residual=True)
+    assert set(off.fit(_loader(), config=FitConfig(epochs=1, progress=False)).align) == {0.0}  # control: term off
+    assert not hasattr(enc.heads, "alignment")
+    assert not any("alignment" in k for k in enc.state_dict())
+    enc.save_pretrained(tmp_path / "m")
+    loaded = DebiasedEncoder.from_pretrained(tmp_path / "m", backbone=torch.nn.Identity())
+    x = _shifted(32, 5)[0]
+    torch.testing.assert_close(loaded(x), enc(x), rtol=0, atol=0)
+
+
+def test_resume_keeps_the_alignment_and_refuses_a_changed_config(tmp_path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    cfg = dict(epochs=2, align_weight=10.0, align_every=5, progress=False, checkpoint_dir=ckpt, checkpoint_every=4)
+    torch.manual_seed(0)
+    full = DebiasedEncoder(torch.nn.Identity(), None, GROUP, residual=True)
+    full.fit(_loader(), config=FitConfig(**{**cfg, "checkpoint_dir": str(tmp_path / "full")}))
+    torch.manual_seed(0)
+    part = DebiasedEncoder(torch.nn.Identity(), None, GROUP, residual=True)
+    part.fit(_loader(), config=FitConfig(**cfg, max_steps=6))
+    resumed = DebiasedEncoder(torch.nn.Identity(), None, GROUP, residual=True)
+    resumed.fit(_loader(), config=FitConfig(**cfg, resume=True))
+    x = _shifted(32, 5)[0]
+    torch.testing.assert_close(resumed(x), full(x), rtol=0, atol=0)  # the target came back from the checkpoint
+    other = DebiasedEncoder(torch.nn.Identity(), None, GROUP, residual=True)
+    with pytest.raises(ValueError, match="align_weight"):
+        other.fit(_loader(), config=FitConfig(**{**cfg, "align_weight": 0.0}, resume=True))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"align_weight": -1.0}, "align_weight"),
+    ({"align_maps": "affine"}, "align_maps"),
+    ({"align_bins": 1}, "align_bins"),
+    ({"align_clusters": 0}, "align_clusters"),
+])
+def test_bad_alignment_options_are_refused(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        FitConfig(**kwargs)
+
+
+def test_the_suite_measures_the_presets() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from leakage import ALIGNED
+
+    from dmm_wrap import HeadConfig
+
+    head, fit = HeadConfig.aligned(), FitConfig.aligned()
+    assert {k: getattr(head, k) if k in HeadConfig.__dataclass_fields__ else getattr(fit, k) for k in ALIGNED} == ALIGNED
+
+
+def test_a_plain_h_theta_is_warned_about() -> None:
+    enc = DebiasedEncoder(torch.nn.Identity(), None, GROUP)
+    with pytest.warns(UserWarning, match="residual"):
+        enc.fit(_loader(128), config=FitConfig(epochs=1, align_weight=1.0, progress=False))
