@@ -51,8 +51,11 @@ class AlignmentStage(nn.Module):
         """Mean of group g's piece k."""
         self.register_buffer("target_mean", torch.zeros(groups, clusters, dim))
         """Mean of the pooled piece that group g's piece k is matched to."""
-        shape = (groups, clusters, dim, dim) if maps == "full" else (groups, clusters, dim)
-        self.register_buffer("linear", torch.zeros(shape) if maps != "shift" else torch.ones(groups, clusters, 1))
+        # Every piece starts as the identity map: a group absent from the fitting sample, or a piece too small to
+        # estimate a shape from, keeps it.
+        identity = (torch.eye(dim).expand(groups, clusters, dim, dim).clone() if maps == "full"
+                    else torch.ones(groups, clusters, dim if maps == "diagonal" else 1))
+        self.register_buffer("linear", identity)
         self.register_buffer("edges", edges if edges is not None else torch.zeros(0))
         """Quantile edges of a continuous attribute's bins (empty: categorical, the class id is the group)."""
 
@@ -246,17 +249,11 @@ def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int]
             stage.source_mean[g, k] = torch.from_numpy(own.mean(0))
             stage.target_mean[g, k] = torch.from_numpy(mu)
             if len(own) < MIN_PIECE:  # too few to estimate a shape: the piece is only moved
-                stage.linear[g, k] = torch.eye(dim) if maps == "full" else 1
-            elif maps == "full":
+                continue
+            if maps == "full":
                 stage.linear[g, k] = torch.from_numpy(_gaussian_map(_covariance(own, shrinkage), cov))
             elif maps == "diagonal":
                 stage.linear[g, k] = torch.from_numpy(np.sqrt(np.diag(cov) / np.diag(_covariance(own, shrinkage))))
-    for g in set(range(count)) - set(present):  # a group absent from the sample: left where it is
-        stage.centroids[g] = 0
-        if maps == "full":
-            stage.linear[g] = torch.eye(dim)
-        else:
-            stage.linear[g] = 1
     stage.centroids[present] = torch.from_numpy(centroids[present]).float()
     return stage
 

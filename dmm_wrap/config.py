@@ -247,14 +247,14 @@ class FitConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"FitConfig.{key} must be an int >= 1, got {v!r}.")
-        if isinstance(self.match_weight, bool) or not isinstance(self.match_weight, (int, float)) or not self.match_weight >= 0:
-            raise ValueError(f"FitConfig.match_weight must be a number >= 0, got {self.match_weight!r}.")
-        if not isinstance(self.match_bins, int) or isinstance(self.match_bins, bool) or self.match_bins < 2:
-            raise ValueError(f"FitConfig.match_bins must be an int >= 2, got {self.match_bins!r}.")
-        if isinstance(self.align_weight, bool) or not isinstance(self.align_weight, (int, float)) or not self.align_weight >= 0:
-            raise ValueError(f"FitConfig.align_weight must be a number >= 0, got {self.align_weight!r}.")
-        if not isinstance(self.align_bins, int) or isinstance(self.align_bins, bool) or self.align_bins < 2:
-            raise ValueError(f"FitConfig.align_bins must be an int >= 2, got {self.align_bins!r}.")
+        for key in ("match_weight", "align_weight"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"FitConfig.{key} must be a number >= 0, got {v!r}.")
+        for key in ("match_bins", "align_bins"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+                raise ValueError(f"FitConfig.{key} must be an int >= 2, got {v!r}.")
         if not isinstance(self.align_samples, int) or isinstance(self.align_samples, bool) or self.align_samples < 16:
             raise ValueError(f"FitConfig.align_samples must be an int >= 16, got {self.align_samples!r}.")
         if self.align_maps is not None and self.align_maps not in get_args(AlignMaps):

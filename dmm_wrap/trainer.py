@@ -295,21 +295,38 @@ class PrePass:
             self._batches = None
 
 
+class _FirstSamples:
+    """The first `limit` samples of a stream of (features, attributes) batches, kept on the CPU."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self.parts: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, z: Tensor, b: Tensor) -> bool:
+        """Keep what fits of a batch; False once `limit` samples are held."""
+        if self.held < self.limit:
+            self.parts.append((z[:self.limit - self.held].float().cpu(), b[:self.limit - self.held].float().cpu()))
+            self.held += len(self.parts[-1][0])
+        return self.held < self.limit
+
+    def tensors(self, width: int, attributes: int) -> tuple[Tensor, Tensor]:
+        if not self.parts:
+            return torch.zeros(0, width), torch.zeros(0, attributes)
+        return torch.cat([z for z, _ in self.parts]), torch.cat([b for _, b in self.parts])
+
+
 def estimate_statistics(objective: DeepMinMax, prepass: PrePass, keep: int = 0) -> tuple[Tensor, Tensor]:
     """Fill the standardisation buffers from the pre-pass's batches (`PrePass.statistics_batches`); return the
     first `keep` of their samples (features, attributes) on the CPU, for the alignment."""
     attributes = objective.attributes
     zs = RunningMoments(objective.feature_dim)
     bs = RunningMoments(len(attributes))
-    sample: list[tuple[Tensor, Tensor]] = []
-    held = 0
+    sample = _FirstSamples(keep)
     with fail_together("statistics pre-pass"):  # a bad batch on one rank must not leave the others in the merge
         for z, b in prepass.statistics_batches():
             zs.update(z)
             bs.update(b)
-            if held < keep:
-                sample.append((z[:keep - held].float().cpu(), b[:keep - held].float().cpu()))
-                held += len(sample[-1][0])
+            sample.add(z, b)
     zs, bs = zs.merge_ranks(), bs.merge_ranks()  # data-parallel: statistics of the union of the ranks' shards
     if zs.n == 0:
         raise ValueError(EMPTY_LOADER)
@@ -320,15 +337,14 @@ def estimate_statistics(objective: DeepMinMax, prepass: PrePass, keep: int = 0) 
     continuous = torch.tensor([a.kind == "continuous" for a in attributes])
     objective.attr_mean.copy_(torch.where(continuous, bs.mean.float(), torch.zeros(())))
     objective.attr_std.copy_(torch.where(continuous, bs.std.float(), torch.ones(())))
-    if not sample:
-        return torch.zeros(0, objective.feature_dim), torch.zeros(0, len(attributes))
-    return torch.cat([z for z, _ in sample]), torch.cat([b for _, b in sample])
+    return sample.tensors(objective.feature_dim, len(attributes))
 
 
 def fit_alignment_target(objective: DeepMinMax, z: Tensor, b: Tensor, cfg: FitConfig) -> AlignmentTarget:
     """Round 0 of the alignment target (`dmm_wrap.alignment`), from the pre-pass's sample of raw features and
-    attributes. Data-parallel: the ranks' samples are gathered (at most `cfg.align_samples` in all) on every rank."""
-    parts = all_gather_object((z[:cfg.align_samples // world_size()], b[:cfg.align_samples // world_size()]))
+    attributes. Data-parallel: the ranks' samples (each `cfg.align_samples // world_size()` at most) are gathered on
+    every rank."""
+    parts = all_gather_object((z, b))
     with torch.no_grad():
         device = objective.feature_mean.device
         z_std = objective.normalize(torch.cat([p[0] for p in parts]).to(device))
@@ -503,7 +519,7 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
         if aligning:
             objective.alignment = AlignmentTarget.empty_like(objective.h, resumed.heads, "alignment.").to(device)
     else:
-        keep = cfg.align_samples if aligning else 0
+        keep = cfg.align_samples // world_size() if aligning else 0  # per rank: the ranks' samples are gathered
         if objective.cfg.standardize:
             sample = estimate_statistics(objective, prepass, keep)
         elif aligning:
@@ -519,14 +535,11 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
 
 def _first_samples(prepass: PrePass, keep: int) -> tuple[Tensor, Tensor]:
     """The first `keep` samples of the pre-pass's batches (without standardisation statistics)."""
-    zs, bs, held = [], [], 0
+    sample = _FirstSamples(keep)
     for z, b in prepass.statistics_batches():
-        zs.append(z[:keep - held].float().cpu())
-        bs.append(b[:keep - held].float().cpu())
-        held += len(zs[-1])
-        if held >= keep:
+        if not sample.add(z, b):
             break
-    return torch.cat(zs), torch.cat(bs)
+    return sample.tensors(0, 0)
 
 
 def _check_resumed_alignment(resumed: Checkpoint, aligning: bool) -> None:
