@@ -5,8 +5,11 @@ Ratios (lower is better; absolute times are printed too, but only the ratios are
 1. fit overhead  = `fit` hooked at --layer over N batches (stats_batches=1), from the moment it starts reading the
                    loader to its end / the backbone's forward alone (torch.no_grad) over the same N batches.
 2. early exit    = the same `fit` hooked at --early-layer / the full backbone forward over the same batches.
-3. stream memory = peak memory of `fit` on a stream 10x longer / on 1x, each in a fresh subprocess (peak RSS on
-                   CPU, torch.cuda.max_memory_allocated on CUDA).
+3. stream memory = memory `fit` holds above its starting point on a stream 10x longer / on 1x, each in a fresh
+                   subprocess: the peak, over every batch read and the end of fit, of the bytes in use (glibc's heap,
+                   mallinfo2, on CPU; torch.cuda.memory_allocated on CUDA) minus the bytes in use before fit.
+                   `stream_memory_control` is the same ratio with every feature deliberately cached: it must be
+                   flagged (above the target), which shows the measurement can see a cache.
 4. inference     = DebiasedEncoder(x) and inference_module()(x) / the backbone truncated at --layer alone.
 5. whole fit call at the default stats_batches (32, more than N: the statistics pre-pass covers the whole stream)
                  = everything `fit(...)` does, setup and statistics included, hooked at --layer / the backbone's
@@ -26,12 +29,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
 import json
 import math
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
@@ -50,6 +54,7 @@ from dmm_wrap import Attribute, DebiasedEncoder, FitConfig, create_backbone
 from dmm_wrap.inference import truncate_backbone
 
 TARGETS = {"fit_overhead": ("<=", 1.10), "early_exit": ("<", 1.0), "stream_memory": ("<=", 1.05),
+           "stream_memory_control": (">", 1.05),
            "inference_overhead": ("<=", 1.05), "inference_module_overhead": ("<=", 1.05),
            "fit_call_default_stats": ("<=", 1.10), "early_exit_call_default_stats": ("<", 1.0)}
 DEFAULT_STATS_BATCHES = FitConfig().stats_batches
@@ -69,6 +74,7 @@ class RandomBatches(torch.utils.data.IterableDataset):
         self.batches, self.batch_size, self.image_size, self.seed = batches, batch_size, image_size, seed
         self.clock = clock
         self.pass_starts: list[float] = []
+        self.probe: Callable[[], None] | None = None  # called before each batch is drawn (memory sampling)
 
     def __len__(self) -> int:
         return self.batches
@@ -77,6 +83,8 @@ class RandomBatches(torch.utils.data.IterableDataset):
         self.pass_starts.append(self.clock())
         gen = torch.Generator().manual_seed(self.seed)
         for _ in range(self.batches):
+            if self.probe is not None:
+                self.probe()
             x = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=gen)
             b = torch.randint(0, 3, (self.batch_size, 1), generator=gen).float()
             yield x, b
@@ -219,26 +227,66 @@ def head_step_breakdown(setup: Setup, layer: str, rounds: int = 5) -> dict[str, 
     return {name: statistics.median(v[1:]) for name, v in parts.items()}
 
 
-def memory_child(setup: Setup, batches: int) -> dict[str, float]:
-    """Peak memory of one fit over a stream of `batches` batches; run in a fresh process."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_in_use() -> int:
+    """Bytes this process has allocated and not freed (glibc mallinfo2: heap plus mmapped blocks).
+
+    Unlike the RSS it counts only live allocations, not the ~1 GB of libraries and freed-but-kept pages, so a cache
+    of a few MB moves it by as much. Falls back to the resident set size where glibc's mallinfo2 is missing.
+    """
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def memory_child(setup: Setup, batches: int, cache_features: bool = False) -> dict[str, float]:
+    """Memory one fit over `batches` batches holds above its start (see ratio 3); run in a fresh process.
+
+    `cache_features`: the negative control, a fit whose feature extractor keeps every feature it returns.
+    """
     model = setup.encoder(setup.backbone(), setup.args.layer)
     stream = setup.stream(batches)
-    if setup.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        setup.fit(model, stream)
-        peak = torch.cuda.max_memory_allocated()
-        return {"base_mb": base / 2**20, "peak_mb": peak / 2**20}
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    stream.batch_size = setup.args.memory_batch_size
+    cache: list[Tensor] = []
+    if cache_features:
+        extract = model.extractor.forward
+
+        def caching(x: Tensor) -> Tensor:
+            z = extract(x)
+            cache.append(z)
+            return z
+
+        model.extractor.forward = caching
+    cuda = setup.device.type == "cuda"
+    in_use = torch.cuda.memory_allocated if cuda else heap_in_use
+    gc.collect()
+    setup.sync()
+    base = in_use()
+    samples = [base]
+    stream.probe = lambda: samples.append(in_use())
     setup.fit(model, stream)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"base_mb": base / 2**20, "peak_mb": peak / 2**20}
+    setup.sync()
+    samples.append(in_use())
+    peak = max(samples)
+    return {"base_mb": base / 2**20, "peak_mb": peak / 2**20, "held_mb": (peak - base) / 2**20,
+            "cached_batches": len(cache)}
 
 
-def measure_memory(argv: list[str], batches: int) -> dict[str, float]:
+def measure_memory(argv: list[str], batches: int, cache_features: bool = False) -> dict[str, float]:
+    """`memory_child` in a fresh subprocess, so that each measurement starts from the same state."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--memory-child", str(batches)]
+    if cache_features:
+        cmd.append("--memory-cache-features")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -269,26 +317,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--early-layer", default="layer3", help="hooked layer of ratio 2")
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 3; smoke 1)")
     p.add_argument("--memory-batches", type=int, default=None,
-                   help="length of the 1x stream of ratio 3; the long one is 10x (default 3; smoke 1)")
+                   help="length of the 1x stream of ratio 3; the long one is 10x (default 3; smoke 2)")
+    p.add_argument("--memory-batch-size", type=int, default=None,
+                   help="batch size of the streams of ratio 3 (default: --batch-size; smoke 128), large enough that "
+                        "a cache of the stream's features is visible next to the heads' own memory")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time (time.process_time), steadier on a machine "
                         "shared with other jobs. Use cpu with OMP_NUM_THREADS=1 (threads waiting at a barrier "
                         "spin), and on CPU only")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-cache-features", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    defaults = ({"batches": 2, "batch_size": 4, "image_size": 32, "repeats": 1, "memory_batches": 1} if args.smoke
+    defaults = ({"batches": 2, "batch_size": 4, "image_size": 32, "repeats": 1, "memory_batches": 2,
+                 "memory_batch_size": 128} if args.smoke
                 else {"batches": 6, "batch_size": 128, "image_size": 96, "repeats": 3, "memory_batches": 3})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.memory_batch_size is None:
+        args.memory_batch_size = args.batch_size
     return args
 
 
-def ratio_rows(times: dict[str, list[float]], mem: dict[int, dict[str, float]], args: argparse.Namespace
-               ) -> list[dict[str, Any]]:
+def ratio_rows(times: dict[str, list[float]], mem: dict[int, dict[str, float]], args: argparse.Namespace,
+               mem_control: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
     med = {k: statistics.median(v) for k, v in times.items()}
     short, long = mem[args.memory_batches], mem[10 * args.memory_batches]
+    short_c, long_c = mem_control[args.memory_batches], mem_control[10 * args.memory_batches]
     rows = [
         ("fit_overhead", f"fit @{args.layer} from its first batch read / backbone forward (no_grad)", med["fit"],
          med["backbone_full"]),
@@ -298,8 +354,10 @@ def ratio_rows(times: dict[str, list[float]], mem: dict[int, dict[str, float]], 
          "forward", med["fit_default_stats_call"], med["backbone_full"]),
         ("early_exit_call_default_stats", f"whole fit call @{args.early_layer}, stats_batches={DEFAULT_STATS_BATCHES}"
          " / full backbone forward", med["fit_early_default_stats_call"], med["backbone_full"]),
-        ("stream_memory", f"peak memory, fit on {10 * args.memory_batches} / {args.memory_batches} batches",
-         long["peak_mb"], short["peak_mb"]),
+        ("stream_memory", f"memory held above the start of fit, {10 * args.memory_batches} / {args.memory_batches} "
+         "batches", long["held_mb"], short["held_mb"]),
+        ("stream_memory_control", "the same with every feature cached (negative control: must be flagged)",
+         long_c["held_mb"], short_c["held_mb"]),
         ("inference_overhead", f"DebiasedEncoder(x) / backbone truncated @{args.layer}", med["encoder_forward"],
          med["trunk"]),
         ("inference_module_overhead", f"inference_module()(x) / backbone truncated @{args.layer}",
@@ -315,8 +373,8 @@ def ratio_rows(times: dict[str, list[float]], mem: dict[int, dict[str, float]], 
     for key, what, num, den in rows:
         value = num / den
         op, target = TARGETS.get(key, (None, None))
-        met = None if op is None else (value <= target if op == "<=" else value < target)
-        unit = "MB" if key == "stream_memory" else "s"
+        met = None if op is None else {"<=": value <= target, "<": value < target, ">": value > target}[op]
+        unit = "MB" if key.startswith("stream_memory") else "s"
         out.append({"name": key, "what": what, "ratio": value, "numerator": num, "denominator": den, "unit": unit,
                     "target": None if op is None else f"{op} {target}", "met": met})
     return out
@@ -345,23 +403,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     setup = Setup(args, torch.device(args.device))
     if args.memory_child is not None:
-        print(json.dumps(memory_child(setup, args.memory_child)))
+        print(json.dumps(memory_child(setup, args.memory_child, args.memory_cache_features)))
         return {}
     parent_argv = _without_json(argv)
     started = time.perf_counter()
     times = measure_times(setup)
     breakdown = {layer: head_step_breakdown(setup, layer) for layer in (args.layer, args.early_layer)}
-    mem = {n: measure_memory(parent_argv, n) for n in (args.memory_batches, 10 * args.memory_batches)}
-    rows = ratio_rows(times, mem, args)
+    lengths = (args.memory_batches, 10 * args.memory_batches)
+    mem = {n: measure_memory(parent_argv, n) for n in lengths}
+    mem_control = {n: measure_memory(parent_argv, n, cache_features=True) for n in lengths}
+    rows = ratio_rows(times, mem, args, mem_control)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]) if argv == sys.argv[1:] else shlex.join(["bench.py", *argv]),
         "machine": machine(setup.device),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "memory_child")},
+        "settings": {k: v for k, v in vars(args).items()
+                     if k not in ("json", "memory_child", "memory_cache_features")},
         "ratios": {r["name"]: r["ratio"] for r in rows},
         "rows": rows,
         "times_s": times,
         "memory_mb": {str(k): v for k, v in mem.items()},
+        "memory_control_mb": {str(k): v for k, v in mem_control.items()},
         "step_breakdown_ms": breakdown,
         "bench_seconds": time.perf_counter() - started,
     }
@@ -381,7 +443,7 @@ def print_report(result: dict[str, Any]) -> None:
     s = result["settings"]
     print(f"settings: {s['arch']} {s['image_size']}x{s['image_size']} batch {s['batch_size']} on {s['device']}, "
           f"N={s['batches']} batches, {s['repeats']} interleaved repeats (medians), {s['clock']} clock, memory streams "
-          f"{s['memory_batches']} vs {10 * s['memory_batches']} batches")
+          f"{s['memory_batches']} vs {10 * s['memory_batches']} batches of {s['memory_batch_size']}")
     print()
     print(f"{'ratio':<29} {'value':>7}  {'target':>7}  {'met':>4}  {'numerator':>11}  {'denominator':>11}  what")
     for r in result["rows"]:
@@ -394,9 +456,10 @@ def print_report(result: dict[str, Any]) -> None:
     print("\nper-batch cost of one training step, one fixed batch (ms, medians):")
     for layer, parts in result["step_breakdown_ms"].items():
         print(f"  @{layer}: " + ", ".join(f"{name} {ms:.1f}" for name, ms in parts.items()))
-    m_, s_ = result["memory_mb"], result["settings"]["memory_batches"]
-    print("\nmemory (MB): " + ", ".join(f"{n} batches: before fit {v['base_mb']:.0f}, peak {v['peak_mb']:.0f}"
-                                      for n, v in m_.items()))
+    for label, key in (("memory", "memory_mb"), ("memory, features cached", "memory_control_mb")):
+        print(f"\n{label} (MB in use): " + ", ".join(
+            f"{n} batches: before fit {v['base_mb']:.1f}, peak {v['peak_mb']:.1f}, held {v['held_mb']:.2f}"
+            for n, v in result[key].items()))
     print(f"\n(benchmark took {result['bench_seconds']:.0f} s)")
 
 

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from . import distributed  # noqa: E402
 from .backbones import BackboneSpec, create_backbone  # noqa: E402
 from .checkpoint import TrainingInterrupted  # noqa: E402
-from .config import Attribute, FitConfig, HeadConfig  # noqa: E402
+from .config import Attribute, ConfigError, FitConfig, HeadConfig  # noqa: E402
 from .data import SYNTHETIC_ATTRIBUTES, ImageCSVDataset, SyntheticDigits, camelyon17  # noqa: E402
 from .hub import push_folder_to_hub  # noqa: E402
 from .inference import Preprocessing  # noqa: E402
@@ -25,7 +25,8 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Attribute", "AuditConfig", "AuditReport", "BackboneSpec", "DebiasedEncoder", "FitConfig", "FitHistory",
+__all__ = ["Attribute", "AuditConfig", "AuditReport", "BackboneSpec", "ConfigError", "DebiasedEncoder", "FitConfig",
+           "FitHistory",
            "HeadConfig", "ImageCSVDataset", "Preprocessing", "SYNTHETIC_ATTRIBUTES", "SyntheticDigits",
            "TrainingInterrupted", "__version__", "audit", "camelyon17", "create_backbone", "distributed",
            "load_digits_encoder", "push_folder_to_hub"]

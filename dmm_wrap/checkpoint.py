@@ -8,7 +8,9 @@ backbone on them, so the data order (and any random augmentation) continues exac
 
 Files are `checkpoint-<step>.safetensors` in one folder; the newest `keep` are kept. Each is written to a temporary
 file, fsynced and renamed into place, so a crash leaves either the old set or the new file whole. Each records the
-sha256 of its own tensors and state, so a truncated or corrupted file is detected on load and the previous one used.
+sha256 of its own tensors and state, so a truncated or corrupted file is detected on load, set aside as
+`*.corrupt` and the previous one used. A file that cannot be read (an OSError) or was written by a newer dmm_wrap
+is never set aside: the error is raised as it is.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,23 +31,48 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .serialization import move_into_place
+from .config import ConfigError
+from .serialization import create_temp_file, move_into_place
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT / SIGTERM after writing a checkpoint; rerun with resume to continue."""
+    """Training stopped on SIGINT / SIGTERM at a step boundary. The model keeps the heads of the last complete step
+    (save them with save_pretrained); with checkpoint_dir a checkpoint of that step was written (resume continues).
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None, rank: int = 0) -> None:
-        where = f"; checkpoint {checkpoint} written, resume to continue" if checkpoint is not None else ""
+    Example:
+        >>> try:
+        ...     history = enc.fit(loader, epochs=10)
+        ... except TrainingInterrupted as stop:
+        ...     history = stop.history  # stop.step steps were taken and are in enc
+        ...     enc.save_pretrained("runs/partial")
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, rank: int = 0, history: Any = None) -> None:
+        where = (f"; checkpoint {checkpoint} written, resume to continue" if checkpoint is not None else
+                 f"; the model keeps the heads of step {step}: save them with save_pretrained (set checkpoint_dir "
+                 "to make the run resumable)")
         super().__init__(f"training interrupted by signal {signum} at step {step}{where}")
         self.signum = signum
+        """The signal that stopped training (SIGINT for Ctrl-C)."""
         self.step = step
+        """Steps taken; the model holds the heads after the last of them."""
         self.checkpoint = checkpoint
+        """The checkpoint written at the stop (None without checkpoint_dir, and on ranks other than 0)."""
         self.rank = rank
         """The rank that raised it (every rank of a data-parallel run does; rank 0 reports it)."""
+        self.history = history
+        """The `FitHistory` of the steps taken (its steps_done is `step`)."""
+
+
+class CheckpointCorrupted(ValueError):
+    """A checkpoint file whose content is damaged (truncated, unparsable, or not matching its recorded sha256)."""
+
+
+class CheckpointTooNew(ConfigError):
+    """A checkpoint written by a newer dmm_wrap, in a format this version cannot read (upgrade dmm_wrap)."""
 
 
 @dataclass
@@ -216,15 +242,16 @@ class Checkpointer:
         for stale in self.directory.glob(".checkpoint-*.tmp"):  # left by a save that was killed
             stale.unlink(missing_ok=True)
         final = self.directory / f"checkpoint-{position.step:09d}.safetensors"
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=self.directory)
+        # Created with the usual mode (other readers of a shared folder need access), named as the cleanup expects.
+        fd, tmp = create_temp_file(self.directory, ".checkpoint-", ".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
-            move_into_place(Path(tmp), final)  # with the usual mode: other readers of a shared folder need access
+            move_into_place(tmp, final)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self.directory)
         for old in self._earlier:
@@ -237,7 +264,8 @@ class Checkpointer:
 
     @staticmethod
     def read(path: Path) -> Checkpoint:
-        """Read one checkpoint; a truncated, corrupted or foreign file raises ValueError naming it."""
+        """Read one checkpoint. A truncated, corrupted or foreign file raises CheckpointCorrupted, one written by a
+        newer dmm_wrap CheckpointTooNew (both ValueErrors naming it); an OSError of the read is raised as it is."""
         from safetensors import SafetensorError
         from safetensors.torch import load
 
@@ -245,18 +273,25 @@ class Checkpointer:
         try:
             tensors = load(data)
             header_len = int.from_bytes(data[:8], "little")
-            metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-        except (SafetensorError, ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated?): {err}") from err
+            metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as err:
+            raise CheckpointCorrupted(f"{path} is not a readable safetensors file (truncated?): {err}") from err
         state_json = metadata.get("dmm_wrap_checkpoint")
         if state_json is None:
-            raise ValueError(f"{path} is not a dmm_wrap training checkpoint.")
+            raise CheckpointCorrupted(f"{path} is not a dmm_wrap training checkpoint.")
+        try:
+            state = json.loads(state_json)
+            version = state.get("format", 0)
+        except (ValueError, AttributeError) as err:
+            raise CheckpointCorrupted(f"{path} is corrupted: its recorded state is not readable ({err}).") from err
+        # Before the sha256: a newer format may record it differently, and its file must not be taken for damaged.
+        if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+            raise CheckpointTooNew(f"{path} was written by a newer dmm_wrap (checkpoint format {version!r}; this one "
+                                   f"reads up to {CHECKPOINT_FORMAT}). Upgrade dmm_wrap (pip install -U dmm-wrap) to "
+                                   "resume from it.")
         if metadata.get("sha256") != _digest(tensors, state_json):
-            raise ValueError(f"{path} is corrupted: its content does not match the sha256 recorded when it was written.")
-        state = json.loads(state_json)
-        if state.get("format", 0) > CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} was written by a newer dmm_wrap (checkpoint format {state['format']}); "
-                             "upgrade dmm_wrap to resume from it.")
+            raise CheckpointCorrupted(f"{path} is corrupted: its content does not match the sha256 recorded when it "
+                                      "was written.")
         return Checkpoint(
             path=path, position=Position(**state["position"]),
             heads={k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")},
@@ -266,14 +301,17 @@ class Checkpointer:
         )
 
     def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that reads back intact (warning about each newer one that does not), or None when
-        the folder holds none. Raises ValueError when checkpoints exist but none is readable."""
+        """The newest checkpoint that reads back intact, or None when the folder holds none.
+
+        A damaged newer one (CheckpointCorrupted) is renamed `*.corrupt` with a warning and the previous one tried;
+        ValueError when checkpoints exist but all are damaged. A read error (OSError, e.g. a flaky network disk) and
+        a checkpoint of a newer dmm_wrap (CheckpointTooNew) are raised as they are, and nothing is renamed."""
         paths = self.paths()
         errors = []
         for path in paths:
             try:
                 return self.read(path)
-            except (ValueError, OSError) as err:
+            except CheckpointCorrupted as err:
                 errors.append(str(err))
                 aside = path.with_name(path.name + ".corrupt")
                 try:  # out of the rotation (it would keep a `keep` slot), kept for inspection
@@ -314,7 +352,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff)
-        raise ValueError(f"Cannot resume from {path}: the run differs in {detail}. Resume with the settings the "
+        raise ConfigError(f"Cannot resume from {path}: the run differs in {detail}. Resume with the settings the "
                          "checkpoint was written with, or set another checkpoint_dir to start a new run.")
 
 
@@ -332,5 +370,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["Checkpointer", "Checkpoint", "Position", "TrainingInterrupted", "capture_rng", "restore_rng",
+__all__ = ["Checkpointer", "Checkpoint", "CheckpointCorrupted", "CheckpointTooNew", "Position",
+           "TrainingInterrupted", "capture_rng", "restore_rng",
            "check_fingerprint", "load_optimizer_state"]

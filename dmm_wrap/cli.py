@@ -1,19 +1,22 @@
 """`dmm-wrap`: fit and evaluate DeepMinMax from a YAML run file.
 
-    dmm-wrap fit CONFIG [--output-dir DIR] [--max-steps N] [--resume] [--device D] [--set KEY=VALUE ...]
+    dmm-wrap fit CONFIG [--output-dir DIR] [--max-steps N] [--resume | --overwrite] [--device D] [--set KEY=VALUE ...]
     torchrun --nproc-per-node N -m dmm_wrap fit CONFIG ...      (data-parallel; the same with --no-python dmm-wrap)
     dmm-wrap eval MODEL_DIR CONFIG [--output-dir DIR] [--device D] [--set KEY=VALUE ...]
     dmm-wrap audit MODEL CONFIG [--output-dir DIR] [--device D] [--set KEY=VALUE ...]
     dmm-wrap sweep CONFIG KEY=V1,V2,... [--output-dir DIR] [--max-steps N] [--device D] [--set KEY=VALUE ...]
-    dmm-wrap push OUTPUT_DIR REPO_ID [--private] [--token T] [--revision BRANCH] [--create-pr]
+    dmm-wrap push OUTPUT_DIR REPO_ID [--private] [--token-stdin] [--revision BRANCH] [--create-pr]
 
 Every option is a config key (`--max-steps 5` is `--set fit.max_steps=5`; see `run_config.OPTION_KEYS`). A run
 writes, under output_dir: metrics.json, report.md, tsne.png, training_curves.png, history.json, config.yaml (the
 resolved config), model/ (save_pretrained) and checkpoints/ (SIGINT / SIGTERM write one and stop with status
-128 + signal; `--resume` continues). Under torchrun only rank 0 writes, evaluates and prints. `audit` writes audit.json
-and audit.md (into the model folder itself unless --output-dir is given, so that its card shows the audit); `sweep`
-runs `fit` once per value, each in OUTPUT_DIR/KEY=VALUE, and writes sweep.json and sweep.png. Errors print one line
-to stderr and exit with status 2 (set DMM_WRAP_TRACEBACK=1 to see the traceback instead).
+128 + signal; `--resume` continues; a new run into a folder that holds checkpoints needs `--overwrite`). Text outputs
+are written atomically, and metrics.json records the sha256 of the weights it evaluated. Under torchrun only rank 0
+writes, evaluates and prints. `audit` writes audit.json and audit.md (into the model folder itself unless
+--output-dir is given, so that its card shows the audit); `sweep` runs `fit` once per value, each in
+OUTPUT_DIR/KEY=VALUE, and writes sweep.json and sweep.png. User errors (`ConfigError`: a bad config value, a
+missing file, data that does not fit the config) print one line to stderr and exit with status 2 (set
+DMM_WRAP_TRACEBACK=1 to see the traceback instead); any other error is a bug and shows its traceback (status 1).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -36,15 +40,15 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed
 from .backbones import create_backbone
 from .checkpoint import TrainingInterrupted
-from .config import Attribute
+from .config import Attribute, ConfigError, MissingFileError
 from .evaluate import Metrics, check_targets, compare_methods, extract_features
 from .hub import resolve_pretrained
 from .inference import Preprocessing
 from .leakage import audit
 from .model import DebiasedEncoder
 from .report import format_table, format_targets, plot_tsne, plot_training_curves, write_report
-from .run_config import OPTION_KEYS, ConfigError, RunConfig, load_run_config, parse_override, write_run_config
-from .serialization import CONFIG_NAME, read_config
+from .run_config import OPTION_KEYS, RunConfig, load_run_config, parse_override, write_run_config
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, file_sha256, read_config, write_text_atomically
 from .sweep import Sweep, SweepRun, parse_sweep, run_folders
 from .trainer import FitHistory
 
@@ -65,6 +69,9 @@ class RunData(NamedTuple):
     """Held-out batches the evaluation scores on."""
     label_name: str
     """What the task label is (for figure titles)."""
+    vocabulary: dict[str, list[str]] | None = None
+    """image_csv: the training split's string labels per column (`ImageCSVDataset.vocabulary`), which the held-out
+    split was read with and the model records; None for data without text labels."""
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -79,12 +86,15 @@ def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
                          crop_pct=1.0, crop_mode="squash")
 
 
-def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> RunData:
+def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
+               vocabulary: dict[str, list[str]] | None = None) -> RunData:
     """Datasets and loaders described by `cfg.data` (imported lazily: only the chosen kind is loaded).
 
     With `world_size` > 1 the training loader reads this rank's shard (SyntheticDigits.shard, or a
-    DistributedSampler seeded with data.seed); the evaluation loaders are never sharded.
+    DistributedSampler seeded with data.seed); the evaluation loaders are never sharded. image_csv: the test CSV
+    is read with the training CSV's vocabulary, or both with `vocabulary` (what a saved model recorded) when given.
     """
+    words = None
     d = cfg.data
     size = cfg.input_size()
     if d.kind == "synthetic_digits":
@@ -99,8 +109,9 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> RunData:
 
         transform = run_preprocessing(cfg).transform()
         options = dict(path_column=d.path_column, label_column=d.label_column, transform=transform)
-        train = ImageCSVDataset(d.root, d.csv, d.attributes, **options)
-        test = ImageCSVDataset(d.root, d.test_csv, d.attributes, **options)
+        train = ImageCSVDataset(d.root, d.csv, d.attributes, vocabulary=vocabulary, **options)
+        test = ImageCSVDataset(d.root, d.test_csv, d.attributes, vocabulary=train.vocabulary, **options)
+        words = train.vocabulary
         attributes = tuple(d.attributes)
         label_name = d.label_column or "label"
     else:
@@ -128,7 +139,7 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> RunData:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=d.seed)
         return DataLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, pin_memory=pin)
 
-    return RunData(attributes, sharded(train), loader(train, False), loader(test, False), label_name)
+    return RunData(attributes, sharded(train), loader(train, False), loader(test, False), label_name, words)
 
 
 def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEncoder:
@@ -149,24 +160,36 @@ def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEnco
 
 
 def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Path, start: float,
-                 history: FitHistory | None) -> Metrics:
-    """Evaluate `model`, draw the figures, write metrics.json, report.md and config.yaml, print the table."""
+                 history: FitHistory | None, weights: Path | None = None) -> Metrics:
+    """Evaluate `model`, draw the figures, write metrics.json, report.md and config.yaml, print the table.
+    `weights`: the model.safetensors `model` was saved to or loaded from, whose sha256 metrics.json records."""
     ecfg = cfg.eval
     cap = ecfg.sample_cap(cfg.fit.max_steps)
     train = extract_features(model, data.train_eval, cap)
     test = extract_features(model, data.test, cap)
+    skipped = []
+    if ecfg.leace and not _importable("concept_erasure"):
+        _warn("LEACE skipped: it needs concept-erasure, pip install 'dmm-wrap[eval]' (or set eval.leace: false).")
+        skipped.append("LEACE was skipped: concept-erasure is not installed (pip install 'dmm-wrap[eval]').")
+        ecfg = dataclasses.replace(ecfg, leace=False)
     methods = compare_methods(train, test, data.attributes, ecfg)
-    figures = []
-    if ecfg.tsne_samples > 0:
+    figures = [name for name, wanted in (("tsne.png", ecfg.tsne_samples > 0),
+                                         ("training_curves.png", history is not None and bool(history.step))) if wanted]
+    if figures and not _importable("matplotlib"):
+        _warn(f"figures skipped ({', '.join(figures)}): they need matplotlib, pip install 'dmm-wrap[report]'.")
+        skipped.append(f"Figures skipped ({', '.join(figures)}): matplotlib is not installed "
+                       "(pip install 'dmm-wrap[report]').")
+        figures = []
+    if "tsne.png" in figures:
         plot_tsne(test, data.attributes, out / "tsne.png", ecfg.tsne_samples, ecfg.seed, data.label_name)
-        figures.append("tsne.png")
-    if history is not None and history.step:
+    if "training_curves.png" in figures:
+        assert history is not None
         plot_training_curves(history, out / "training_curves.png")
-        figures.append("training_curves.png")
-    metrics = Metrics(methods, time.perf_counter() - start)
+    metrics = Metrics(methods, time.perf_counter() - start, file_sha256(weights) if weights is not None else None)
     targets = check_targets(metrics)
     notes = [f"Evaluated on {len(train.raw)} train and {len(test.raw)} test samples"
              + (" (smoke run: eval.smoke_samples cap)." if cap is not None and cap != ecfg.max_samples else ".")]
+    notes += skipped
     if history is not None:
         notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
                      f"estimator_steps={cfg.fit.estimator_steps}).")
@@ -178,6 +201,19 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
     print(format_targets(targets).replace("**", ""))
     print(f"\nWall time {metrics.wall_seconds:.1f} s. Outputs in {out}/")
     return metrics
+
+
+def _importable(module: str) -> bool:
+    """Whether the optional package `module` is installed (it comes with one of the extras)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _warn(message: str) -> None:
+    print(f"dmm-wrap: warning: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -227,15 +263,16 @@ def fit_and_evaluate(cfg: RunConfig, start: float) -> Metrics | None:
             if cfg.seed is not None:
                 torch.manual_seed(cfg.seed)
             model = build_model(cfg, data.attributes)
+            model.vocabulary = data.vocabulary  # saved with the model: eval reads its data with the same ids
             history = model.fit(data.train, config=fit_cfg)
             # Every rank has finished training: leave the group together now, so that no rank waits (and times
             # out) in a collective while rank 0 evaluates, which needs no communication.
             distributed.shutdown(sync=True)
             if main_process:
                 out.mkdir(parents=True, exist_ok=True)
-                model.save_pretrained(out / "model")
-                (out / "history.json").write_text(json.dumps(history.as_dict()) + "\n")
-                metrics = evaluate_run(cfg, model, data, out, start, history)
+                folder = model.save_pretrained(out / "model")
+                write_text_atomically(out / "history.json", json.dumps(history.as_dict()) + "\n")
+                metrics = evaluate_run(cfg, model, data, out, start, history, folder / WEIGHTS_NAME)
     finally:
         distributed.shutdown(sync=False)  # after an error (another rank may never arrive); no-op otherwise
     return metrics
@@ -243,8 +280,16 @@ def fit_and_evaluate(cfg: RunConfig, start: float) -> Metrics | None:
 
 def _check_attributes_match(model: DebiasedEncoder, data: RunData) -> None:
     if [a.name for a in model.attributes] != [a.name for a in data.attributes]:
-        raise ValueError(f"The model removes {[a.name for a in model.attributes]} but the config's data has "
+        raise ConfigError(f"The model removes {[a.name for a in model.attributes]} but the config's data has "
                          f"{[a.name for a in data.attributes]}; use the config it was trained with.")
+
+
+def _model_folder(name: str) -> Path:
+    """The local folder of the model the user named (a folder or a Hub repo id); a missing one is a user error."""
+    try:
+        return resolve_pretrained(name)
+    except FileNotFoundError as err:
+        raise MissingFileError(str(err)) from err
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -252,13 +297,14 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, _overrides(args))
     out = Path(cfg.output_dir)
     with cpu_threads(cfg.num_threads):
-        model = DebiasedEncoder.from_pretrained(args.model_dir)
+        folder = _model_folder(args.model_dir)
+        model = DebiasedEncoder.from_pretrained(folder)
         if cfg.fit.device is not None:
             model.to(cfg.fit.device)
-        data = build_data(cfg)
+        data = build_data(cfg, vocabulary=model.vocabulary)
         _check_attributes_match(model, data)
         out.mkdir(parents=True, exist_ok=True)
-        evaluate_run(cfg, model, data, out, start, None)
+        evaluate_run(cfg, model, data, out, start, None, folder / WEIGHTS_NAME)
     return 0
 
 
@@ -268,7 +314,7 @@ def run_audit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     overrides = _overrides(args)
     cfg = load_run_config(args.config, overrides)
-    folder = resolve_pretrained(args.model)
+    folder = _model_folder(args.model)
     # A local model folder keeps its audit (its card then shows it); a Hub model's cached snapshot is not ours.
     into_model = Path(args.model).is_dir() and not any(key == "output_dir" for key, _ in overrides)
     out = folder if into_model else Path(cfg.output_dir)
@@ -276,7 +322,7 @@ def run_audit(args: argparse.Namespace) -> int:
         model = DebiasedEncoder.from_pretrained(folder)
         if cfg.fit.device is not None:
             model.to(cfg.fit.device)
-        data = build_data(cfg)
+        data = build_data(cfg, vocabulary=model.vocabulary)
         _check_attributes_match(model, data)
         report = audit(model, data.train_eval, test_loader=data.test, config=cfg.audit, probes=cfg.eval)
         source = {"source": str(args.model), "weights_sha256": read_config(folder / CONFIG_NAME).get("weights_sha256")}
@@ -294,7 +340,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     """Run `fit` (training, evaluation, report) once per value of one key, then write sweep.json and sweep.png."""
     start = time.perf_counter()
     if distributed.launched_by_torchrun():
-        raise ValueError("dmm-wrap sweep runs its fits one after the other in one process; under torchrun, launch "
+        raise ConfigError("dmm-wrap sweep runs its fits one after the other in one process; under torchrun, launch "
                          "one `dmm-wrap fit --set KEY=VALUE` job per value instead.")
     spec = parse_sweep(args.sweep)
     overrides = _overrides(args)
@@ -330,6 +376,9 @@ def _add_run_options(parser: argparse.ArgumentParser, max_steps: bool,
         parser.add_argument("--max-steps", type=int, metavar="N", help="stop training after N steps (fit.max_steps)")
         parser.add_argument("--resume", action="store_true", default=None,
                             help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints (fit.resume)")
+        parser.add_argument("--overwrite", action="store_true", default=None,
+                            help="start a new run even though OUTPUT_DIR/checkpoints holds an earlier run's "
+                                 "checkpoints, which are then removed (fit.overwrite_checkpoints)")
     parser.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (fit.device)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set fit.lr=0.001 (repeatable)")
@@ -364,16 +413,39 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override any other config key in every run, e.g. --set fit.epochs=10 (repeatable)")
 
 
+TOKEN_HELP = ("Set HF_TOKEN in the environment, log in once with `hf auth login` (the token is then read from the "
+              "stored login), or pipe it in: `dmm-wrap push DIR REPO_ID --token-stdin < token-file`.")
+"""How to hand `dmm-wrap push` a Hub token; never as a command-line value, which `ps` and shell history show."""
+
+
+def _push_token(args: argparse.Namespace) -> str | None:
+    """The Hub token: one line of stdin with --token-stdin, else None (huggingface_hub then reads HF_TOKEN or the
+    stored login). A value given with --token is refused without being echoed."""
+    if args.token is not None:
+        raise ConfigError(f"--token is not accepted: a token on the command line shows in `ps` and in the shell "
+                          f"history. {TOKEN_HELP}")
+    if not args.token_stdin:
+        return None
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise ConfigError(f"--token-stdin read an empty line from stdin. {TOKEN_HELP}")
+    return token
+
+
 def run_push(args: argparse.Namespace) -> int:
+    """Push a run's model folder (and its metrics) to the Hub; the token is never written anywhere."""
     from .hub import push_folder_to_hub
     from .serialization import read_metrics
 
+    token = _push_token(args)
     run_dir = Path(args.output_dir)
+    if not run_dir.is_dir():
+        raise MissingFileError(f"{str(run_dir)!r} is not a folder: pass a run folder of `dmm-wrap fit` or a folder "
+                               "written by save_pretrained.")
     folder = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
     metrics_file = run_dir / "metrics.json"
     metrics = read_metrics(metrics_file) if metrics_file.is_file() else None
-    # The token comes from --token, else from HF_TOKEN / the huggingface-cli login; it is never written anywhere.
-    info = push_folder_to_hub(folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+    info = push_folder_to_hub(folder, args.repo_id, private=args.private, token=token, revision=args.revision,
                               commit_message=args.commit_message, create_pr=args.create_pr, metrics=metrics)
     print(f"pushed {folder} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
@@ -383,7 +455,9 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="a run folder of `dmm-wrap fit` (its model/ is pushed) or a save_pretrained folder")
     parser.add_argument("repo_id", help="Hub repository, e.g. my-org/digits-debiased")
     parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    parser.add_argument("--token-stdin", action="store_true",
+                        help="read the Hub token from one line of stdin (default: HF_TOKEN or the stored login)")
+    parser.add_argument("--token", nargs="?", const="", default=None, help=argparse.SUPPRESS)  # refused: see TOKEN_HELP
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     parser.add_argument("--commit-message", default="Upload DeepMinMax debiased encoder")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
@@ -432,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, TypeError, OSError, ImportError) as err:
+    except ConfigError as err:  # the user's input; anything else is a bug, whose traceback must show
         if os.environ.get("DMM_WRAP_TRACEBACK"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__

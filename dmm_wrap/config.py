@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
 
 AttributeKind = Literal["categorical", "continuous"]
 Pooling = Literal["avg", "max", "cls", "flatten"]
@@ -16,9 +19,84 @@ AmpDtype = Literal["bfloat16", "float16"]
 AlignMaps = Literal["full", "diagonal", "shift"]
 
 
+class ConfigError(ValueError):
+    """Invalid user input: a configuration value, or a file or data set that one names. The message starts with what
+    is wrong (the key path for a config value); the CLI prints it on one line and exits with status 2."""
+
+
+class MissingFileError(ConfigError, FileNotFoundError):
+    """A file or folder that the user named (a config file, a model folder) does not exist."""
+
+
 def _check_choice(owner: str, key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{owner}.{key} must be one of {list(choices)}, got {value!r}.")
+        raise ConfigError(f"{owner}.{key} must be one of {list(choices)}, got {value!r}.")
+
+
+def type_name(tp: Any) -> str:
+    """How an annotation reads in an error message: "int", "float or None", "one of 'avg', 'max'", ..."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "a list"
+    if dataclasses.is_dataclass(tp) and origin is None and isinstance(tp, type):
+        return tp.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
+def got(value: Any) -> str:
+    """A value as an error message shows it: its type and repr."""
+    return f"{type(value).__name__} {value!r}"
+
+
+def matches(value: Any, tp: Any) -> bool:
+    """Whether `value` is of the annotated type `tp`: an int or a float for float (never a bool: Python counts it as
+    an int), an int for int, None for Optional, a member for Literal, a list or tuple of such items for sequences."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(matches(value, arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return any(value == c and type(value) is type(c) for c in typing.get_args(tp))
+    if origin in (list, tuple):
+        item = next((a for a in typing.get_args(tp) if a is not Ellipsis), Any)
+        return isinstance(value, (list, tuple)) and all(matches(v, item) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    raise TypeError(f"Internal: no type check for the annotation {tp!r}.")
+
+
+def check_value(path: str, value: Any, tp: Any) -> None:
+    """Raise ConfigError "PATH: expected TYPE, got TYPE VALUE." unless `value` is of the annotated type `tp`."""
+    if not matches(value, tp):
+        raise ConfigError(f"{path}: expected {type_name(tp)}, got {got(value)}.")
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of the dataclass instance `obj` against its annotation (`check_value`); errors name the
+    field as "Class.field", e.g. "FitConfig.lr: expected float, got str '1e-3'."."""
+    cls = type(obj)
+    hints = _annotations(cls)
+    for f in dataclasses.fields(obj):
+        if f.init:
+            check_value(f"{cls.__name__}.{f.name}", getattr(obj, f.name), hints[f.name])
+
+
+@functools.cache
+def _annotations(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 @dataclass(frozen=True)
@@ -40,6 +118,7 @@ class Attribute:
     """Number of classes; required for categorical attributes, None for continuous ones."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Attribute.name must be a non-empty string, got {self.name!r}.")
         _check_choice("Attribute", "kind", self.kind, get_args(AttributeKind))
@@ -108,6 +187,7 @@ class HeadConfig:
     rate suits any backbone's feature scale. Off reproduces the paper's raw-feature setting."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for key in ("h_layers", "m_layers"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
@@ -242,7 +322,14 @@ class FitConfig:
     resume: bool = False
     """Continue from the newest intact checkpoint in `checkpoint_dir` (from scratch, with a warning, if none)."""
 
+    overwrite_checkpoints: bool = False
+    """Start a new run in a `checkpoint_dir` that holds an earlier run's checkpoints, removing them when this run
+    writes its first one. Without it (or `resume`) such a run is refused, so that no run's checkpoints are lost."""
+
     def __post_init__(self) -> None:
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        check_fields(self)
         for key in ("epochs", "estimator_steps", "log_every", "checkpoint_every", "keep_checkpoints", "align_every"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -270,6 +357,9 @@ class FitConfig:
             raise ValueError(f"FitConfig.checkpoint_dir must be None or a folder path, got {self.checkpoint_dir!r}.")
         if not isinstance(self.resume, bool):
             raise ValueError(f"FitConfig.resume must be True or False, got {self.resume!r}.")
+        if self.resume and self.overwrite_checkpoints:
+            raise ConfigError("FitConfig.resume and FitConfig.overwrite_checkpoints are both True: resume continues "
+                              "the run in checkpoint_dir, overwrite_checkpoints replaces it. Set only one of them.")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"FitConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}.")
         if not 0.0 <= self.lam <= 1.0:
@@ -312,7 +402,8 @@ def _known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
-    """Build `cls` from a user mapping, rejecting unknown keys with the closest valid names."""
+    """Build `cls` from a user mapping, rejecting unknown keys with the closest valid names; errors name the keys as
+    `section.key`."""
     if not isinstance(values, dict):
         raise TypeError(f"{section} must be a mapping of options, got {type(values).__name__}.")
     names = [f.name for f in fields(cls)]
@@ -320,8 +411,12 @@ def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=3)
             hint = f" Did you mean {close}?" if close else ""
-            raise ValueError(f"Unknown option {section}.{key}.{hint} Valid options: {names}.")
-    return cls(**values)
+            raise ConfigError(f"Unknown option {section}.{key}.{hint} Valid options: {names}.")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace(f"{cls.__name__}.", f"{section}.")) from err
 
 
-__all__ = ["Attribute", "HeadConfig", "FitConfig", "build_dataclass"]
+__all__ = ["Attribute", "HeadConfig", "FitConfig", "ConfigError", "MissingFileError", "build_dataclass", "check_fields",
+           "check_value"]

@@ -28,8 +28,9 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .config import Attribute
+from .config import Attribute, check_fields
 from .model import DebiasedEncoder
+from .serialization import WEIGHTS_SHA_KEY, write_text_atomically
 from .trainer import attrs_tensor, split_batch
 
 Method = Literal["raw", "leace", "dmm"]
@@ -81,6 +82,7 @@ class EvalConfig:
     """Test samples embedded by t-SNE for the figure (at most); 0 skips the t-SNE figure."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.mlp_hidden or any(not isinstance(h, int) or h < 1 for h in self.mlp_hidden):
             raise ValueError(f"EvalConfig.mlp_hidden must be a non-empty list of ints >= 1, got {self.mlp_hidden!r}.")
         self.mlp_hidden = tuple(self.mlp_hidden)
@@ -158,9 +160,11 @@ class Metrics:
     """Metrics of each evaluated method ("raw", "leace", "dmm")."""
     wall_seconds: float = 0.0
     """Wall time of the whole run that produced them."""
+    weights_sha256: str | None = None
+    """sha256 of the model.safetensors evaluated, so that metrics.json is tied to those weights (None: unknown)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "methods": {
                 name: {
                     "task_accuracy": m.task_accuracy,
@@ -171,6 +175,9 @@ class Metrics:
             },
             "wall_seconds": self.wall_seconds,
         }
+        if self.weights_sha256 is not None:
+            out[WEIGHTS_SHA_KEY] = self.weights_sha256
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Metrics:
@@ -178,13 +185,11 @@ class Metrics:
             name: MethodMetrics(m["task_accuracy"], {attr: Leakage(**lk) for attr, lk in m["leakage"].items()})
             for name, m in d["methods"].items()
         }
-        return cls(methods, float(d["wall_seconds"]))
+        return cls(methods, float(d["wall_seconds"]), d.get(WEIGHTS_SHA_KEY))
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write metrics.json (strict JSON: no NaN)."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+        """Write metrics.json (strict JSON: no NaN), atomically."""
+        return write_text_atomically(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 class TargetRow(NamedTuple):

@@ -5,17 +5,22 @@ Everything goes through huggingface_hub (snapshot_download, HfApi); the token is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .serialization import (AUDIT_NAME, CONFIG_NAME, METRICS_NAME, README_NAME, WEIGHTS_NAME, load_weights,
-                            plain_metrics, read_config, read_metrics, write_metrics)
+from .config import ConfigError
+from .serialization import (AUDIT_NAME, CONFIG_NAME, METRICS_NAME, README_NAME, WEIGHTS_NAME, WEIGHTS_SHA_KEY,
+                            file_sha256, load_weights, plain_metrics, read_config, read_metrics,
+                            records_other_weights, write_metrics)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +28,9 @@ UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME, METRICS_NAME, AUDIT_NAME
 """The files of a saved folder that are downloaded and uploaded; anything else in the folder stays local."""
 
 DEFAULT_COMMIT_MESSAGE = "Upload DeepMinMax debiased encoder"
+
+_CARD_MARK = re.compile(r"<!-- dmm_wrap model card, sha256 (?P<sha>[0-9a-f]{64}): [^\n]*-->\n?\Z")
+"""The last line of a card dmm_wrap generated: the sha256 of the text above it, so that an edit is recognised."""
 
 
 # --------------------------------------------------------------------------- download
@@ -94,8 +102,10 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool
     The folder is checked first (our config.json, readable weights), so a bad folder creates nothing. Then the
     repo is created if needed (`exist_ok=True`), the branch `revision` too, and config.json, model.safetensors,
     README.md, metrics.json and audit.json are committed with one `upload_folder` call; other files stay local. An
-    audit.json of other weights (its weights_sha256 differs) stays local too. A README.md left as save_pretrained
-    wrote it is uploaded with `repo_id` in its usage snippet; an edited one is uploaded as it is.
+    audit.json or metrics.json of other weights (its weights_sha256 differs) stays local too (with a warning). A
+    README.md left as save_pretrained wrote it is uploaded with `repo_id` in its usage snippet, unless the repo
+    already has a README.md (checked with `HfApi.file_exists`, as timm's push_to_hf_hub does), which is then left as
+    it is; an edited local one is uploaded as it is.
 
     Args:
         folder: the saved model folder (e.g. a training run's output directory).
@@ -106,7 +116,8 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool
         commit_message, commit_description: of the commit (or pull request).
         create_pr: open a pull request instead of committing to the branch.
         metrics: {name: value} uploaded as metrics.json (and shown in an untouched card) instead of the folder's
-            own metrics.json; the folder itself is not modified.
+            own metrics.json; the folder itself is not modified. Metrics that record the sha256 of other weights
+            (`weights_sha256`, as `dmm-wrap fit` writes it) are refused with a ValueError.
         api: an `huggingface_hub.HfApi` to use (tests pass a fake one); None makes a new one.
 
     Returns:
@@ -127,14 +138,24 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool
     folder = Path(folder)
     config = check_folder(folder)
     new_metrics = plain_metrics(metrics) if metrics is not None else None
+    weights_sha = file_sha256(folder / WEIGHTS_NAME)
+    if records_other_weights(new_metrics, weights_sha):
+        raise ConfigError(
+            f"The metrics to push record other weights ({WEIGHTS_SHA_KEY} {new_metrics[WEIGHTS_SHA_KEY][:12]}...) than "
+            f"{folder / WEIGHTS_NAME} ({weights_sha[:12]}...): they were measured on another model. Evaluate this "
+            "model again (dmm-wrap eval MODEL_DIR CONFIG --output-dir RUN_DIR), or push without those metrics."
+        )
     present = [name for name in UPLOAD_FILES if (folder / name).is_file()]
     api = api if api is not None else HfApi(library_name="dmm_wrap", library_version=__version__)
     repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     repo_id = getattr(repo_url, "repo_id", None) or repo_id
     if revision is not None and not revision.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+    hub_card = README_NAME in present and api.file_exists(repo_id, README_NAME, repo_type="model",
+                                                             revision=revision, token=token)
     with tempfile.TemporaryDirectory(prefix="dmm_wrap-push-") as staging:
-        upload_dir, present = _stage(folder, config, present, repo_id, new_metrics, Path(staging))
+        upload_dir, present = _stage(folder, {**config, WEIGHTS_SHA_KEY: weights_sha}, present, repo_id, new_metrics,
+                                     Path(staging), hub_card)
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=upload_dir, repo_type="model", token=token, revision=revision,
             commit_message=commit_message, commit_description=commit_description, create_pr=create_pr,
@@ -146,15 +167,26 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool
 
 
 def _stage(folder: Path, config: dict[str, Any], present: list[str], repo_id: str,
-           metrics: dict[str, Any] | None, staging: Path) -> tuple[Path, list[str]]:
+           metrics: dict[str, Any] | None, staging: Path, hub_card: bool = False) -> tuple[Path, list[str]]:
     """The folder and files to upload: `folder` as it is, or a staging folder of links to its files with a new
     metrics.json (when `metrics` is given) and, when README.md is the card save_pretrained wrote (untouched), that
-    card rewritten with `repo_id` in its usage snippet, the metrics and the audit."""
+    card rewritten with `repo_id` in its usage snippet, the metrics and the audit. That card is left out when the
+    repo has a card already (`hub_card`)."""
     old_metrics = load_metrics(folder)
     audit = load_audit(folder, config)
     if audit is None and AUDIT_NAME in present:  # the audit of other weights: not uploaded
         present = [name for name in present if name != AUDIT_NAME]
     untouched_card = README_NAME in present and is_generated_card(folder, config, old_metrics, audit)
+    if records_other_weights(old_metrics, config.get(WEIGHTS_SHA_KEY)):
+        warnings.warn(f"{folder / METRICS_NAME} records other weights than the ones saved beside it; it is left out "
+                      "of the upload and of the card. Evaluate the saved model again to push its metrics.",
+                      stacklevel=3)
+        present = [name for name in present if name != METRICS_NAME]
+        old_metrics = None
+    if untouched_card and hub_card:
+        logger.info("%s already has a README.md: it is kept, and the generated card is not uploaded.", repo_id)
+        present = [name for name in present if name != README_NAME]
+        untouched_card = False
     if not untouched_card and metrics is None:
         return folder, present
     replaced = {README_NAME} if untouched_card else set()
@@ -264,7 +296,20 @@ model = DebiasedEncoder.from_pretrained({load_args})
 z_tilde = model.embed(images)  # a list of PIL images or a tensor [N, C, H, W] -> debiased features on CPU
 ```
 """
-    return str(ModelCard(text))
+    return _mark(str(ModelCard(text)))
+
+
+def _mark(card: str) -> str:
+    """`card` with the marker line that lets `is_generated_card` tell it from an edited one."""
+    card = card if card.endswith("\n") else card + "\n"
+    digest = hashlib.sha256(card.encode()).hexdigest()
+    return card + f"<!-- dmm_wrap model card, sha256 {digest}: save_pretrained regenerates it unless edited -->\n"
+
+
+def _marked_intact(text: str) -> bool:
+    """Whether `text` ends with our marker line and is unchanged since it was written."""
+    match = _CARD_MARK.search(text)
+    return match is not None and hashlib.sha256(text[:match.start()].encode()).hexdigest() == match["sha"]
 
 
 def _base_model(source: str | None, arch: str | None, tag: str | None) -> tuple[str | None, str | None]:
@@ -283,6 +328,7 @@ def _base_model(source: str | None, arch: str | None, tag: str | None) -> tuple[
 
 
 def _metrics_table(metrics: Mapping[str, Any] | None) -> str:
+    metrics = {k: v for k, v in (metrics or {}).items() if k != WEIGHTS_SHA_KEY}  # what they belong to, not a metric
     if not metrics:
         return "No metrics were recorded (pass `metrics=` to save_pretrained, or write metrics.json)."
     rows = [f"| {k} | {_fmt(v)} |" for k, v in _flatten(metrics)]
@@ -351,13 +397,32 @@ def load_audit(folder: Path, config: Mapping[str, Any]) -> dict[str, Any] | None
 
 def is_generated_card(folder: Path, config: dict[str, Any], metrics: Mapping[str, Any] | None,
                       audit: Mapping[str, Any] | None) -> bool:
-    """Whether the folder's README.md is the card save_pretrained wrote (with or without `audit`), not edited."""
+    """Whether the folder's README.md is the card save_pretrained wrote (with or without `audit`), not edited: its
+    marker line matches its text, or (a card written before cards had one) it equals the card of `config`."""
     path = folder / README_NAME
     if not path.is_file():
         return False
     text = path.read_text()
-    return text == model_card(config, metrics) or (audit is not None and text == model_card(config, metrics,
-                                                                                            audit=audit))
+    if _marked_intact(text):
+        return True
+    unmarked = [_CARD_MARK.sub("", model_card(config, metrics))]
+    if audit is not None:
+        unmarked.append(_CARD_MARK.sub("", model_card(config, metrics, audit=audit)))
+    return text in unmarked
+
+
+def card_was_edited(folder: Path) -> bool:
+    """Whether `folder` holds a README.md that is not a card dmm_wrap generated, or one edited since (save_pretrained
+    keeps such a card)."""
+    if not (folder / README_NAME).is_file():
+        return False
+    if _marked_intact((folder / README_NAME).read_text()):
+        return False
+    try:
+        config = read_config(folder / CONFIG_NAME)
+        return not is_generated_card(folder, config, load_metrics(folder), load_audit(folder, config))
+    except (OSError, ValueError, KeyError, TypeError):  # no config of ours beside it: a card of someone else's
+        return True
 
 
 def card_with_audit(folder: Path, audit: Mapping[str, Any]) -> str | None:
@@ -379,4 +444,4 @@ def card_with_audit(folder: Path, audit: Mapping[str, Any]) -> str | None:
 
 
 __all__ = ["resolve_pretrained", "push_folder_to_hub", "check_folder", "model_card", "load_metrics", "load_audit",
-           "is_generated_card", "card_with_audit", "UPLOAD_FILES", "DEFAULT_COMMIT_MESSAGE"]
+           "is_generated_card", "card_was_edited", "card_with_audit", "UPLOAD_FILES", "DEFAULT_COMMIT_MESSAGE"]

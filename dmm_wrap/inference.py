@@ -29,7 +29,9 @@ CropMode = Literal["center", "squash", "border"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_NODE_KEY = "features"
+GRAPH_OUTPUT = "features"
+"""The key under which a truncated backbone (`truncate_backbone`) returns the hooked layer's output."""
+_NODE_KEY = GRAPH_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -169,10 +171,12 @@ class InferenceModule(nn.Module):
     statistics: build a new one after `fit`. It stays in eval mode.
     """
 
-    def __init__(self, trunk: nn.Module, pool: Pooling, heads: DeepMinMax, truncated: bool) -> None:
+    def __init__(self, trunk: nn.Module, pool: Pooling, heads: DeepMinMax, truncated: bool,
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.trunk = trunk
         self.pool: Pooling = pool
+        self.channels_last = channels_last  # the hooked maps are [N, H, W, C]
         self.truncated = truncated  # trunk returns {"features": hooked output}; else it is the whole backbone
         self.h = heads.h
         self.register_buffer("feature_mean", heads.feature_mean.detach().clone())
@@ -183,7 +187,7 @@ class InferenceModule(nn.Module):
         out = self.trunk(inputs)
         if self.truncated:
             out = out[_NODE_KEY]
-        z = pool(first_tensor(out), self.pool).float()
+        z = pool(first_tensor(out), self.pool, self.channels_last).float()
         return self.h((z - self.feature_mean) / self.feature_std)
 
     def train(self, mode: bool = True) -> InferenceModule:
@@ -240,5 +244,5 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, example: Tensor, *, 
     return path
 
 
-__all__ = ["Preprocessing", "InferenceModule", "as_preprocessing", "default_preprocessing", "truncate_backbone",
-           "export_onnx", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["GRAPH_OUTPUT", "Preprocessing", "InferenceModule", "as_preprocessing", "default_preprocessing",
+           "truncate_backbone", "export_onnx", "IMAGENET_MEAN", "IMAGENET_STD"]

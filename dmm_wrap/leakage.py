@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .config import Attribute
+from .config import Attribute, check_fields
 from .evaluate import CHANCE_MARGIN, MAX_R2, EvalConfig, Leakage, collect_batches, extract_features, probe_leakage
 from .hub import card_with_audit
 from .model import DebiasedEncoder
@@ -58,6 +58,7 @@ class AuditConfig:
     """Seed of that split (a permutation of the samples), so an audit is repeatable."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 0 <= self.margin < 1:
             raise ValueError(f"AuditConfig.margin must be in [0, 1), got {self.margin!r}.")
         if not self.max_r2 < 1:

@@ -16,21 +16,27 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .backbones import BackboneSpec, build_backbone, create_backbone, describe_backbone, freeze
+from .backbones import (BackboneSpec, build_backbone, check_rebuild_spec, create_backbone, describe_backbone,
+                        freeze)
 from .config import Attribute, FitConfig, HeadConfig, Pooling, _known_keys, build_dataclass
-from .hooks import FeatureExtractor
-from .hub import DEFAULT_COMMIT_MESSAGE, load_audit, load_metrics, model_card, push_folder_to_hub, resolve_pretrained
-from .inference import (InferenceModule, Preprocessing, as_preprocessing, default_preprocessing, export_onnx,
-                        truncate_backbone)
+from .hooks import FeatureExtractor, first_tensor
+from .hooks import pool as pool_features
+from .hub import (DEFAULT_COMMIT_MESSAGE, card_was_edited, load_audit, load_metrics, model_card, push_folder_to_hub,
+                  resolve_pretrained)
+from .inference import (GRAPH_OUTPUT, InferenceModule, Preprocessing, as_preprocessing, default_preprocessing,
+                        export_onnx, truncate_backbone)
 from .objective import DeepMinMax
 from .serialization import (CONFIG_NAME, FORMAT_VERSION, METRICS_NAME, MODEL_TYPE, README_NAME, WEIGHTS_NAME,
+                            WEIGHTS_SHA_KEY, records_other_weights,
                             check_keys, check_weights_match_config, file_sha256, load_weights, plain_metrics,
                             read_config, require_keys, save_weights, write_atomically, write_config, write_metrics)
-from .trainer import FitHistory, PrePass, train
+from .trainer import FitHistory, PrePass, TrainingInterrupted, train
 
 _HEADS_PREFIX = "heads."
+_DUPLICATE_PREFIX = "extractor._target."
 _CONFIG_KEYS = ("model_type", "format_version", "dmm_wrap_version", "weights_sha256", "backbone", "layer", "pool", "input_size",
-                "feature_dim", "out_dim", "attributes", "head", "weights", "preprocessing")
+                "feature_dim", "out_dim", "attributes", "head", "weights", "preprocessing", "vocabulary",
+                "channels_last")
 _REQUIRED_KEYS = ("backbone", "layer", "feature_dim", "attributes")
 
 
@@ -60,7 +66,13 @@ class DebiasedEncoder(nn.Module):
         preprocessing: how PIL images become inputs (`Preprocessing` or a dict of its fields), saved in config.json
             and used by `preprocess` / `embed`. "auto" derives it from the backbone (timm data config, torchvision
             weights transforms, ImageNet defaults for an untagged torchvision model, None for a custom module).
+        channels_last: whether the hooked layer gives channels-last maps [N, H, W, C] (timm's Swin stages), so that
+            pooling averages over H and W rather than over W and C. None (default) detects it from the hooked module
+            and the backbone (timm's `output_fmt` "NHWC"); saved in config.json.
         **head_options: fields of `HeadConfig` (h_layers, h_hidden, out_dim, m_layers, ...).
+
+    Under torch.compile and torch.export the forward runs a hook-free graph of the backbone truncated at `layer`
+    (see `inference_module`), so `torch.export.export(enc, (x,))` and `torch.compile(enc, fullgraph=True)` work.
 
     Example:
         >>> enc = DebiasedEncoder("torchvision:resnet18", "avgpool", [Attribute("site", "categorical", 3)])
@@ -71,7 +83,7 @@ class DebiasedEncoder(nn.Module):
     def __init__(self, backbone: nn.Module | str, layer: str | None, attributes: Sequence[Attribute | dict[str, Any]],
                  *, pool: Pooling = "avg", input_size: Sequence[int] | None = None,
                  preprocessing: Preprocessing | dict[str, Any] | None | Literal["auto"] = "auto",
-                 **head_options: Any) -> None:
+                 channels_last: bool | None = None, **head_options: Any) -> None:
         super().__init__()
         if isinstance(backbone, str):
             backbone = create_backbone(backbone)
@@ -83,9 +95,13 @@ class DebiasedEncoder(nn.Module):
         self.backbone_spec: BackboneSpec = describe_backbone(backbone)
         self.attributes = _as_attributes(attributes)
         self.head_config = build_dataclass(HeadConfig, head_options, "head")
-        self.extractor = FeatureExtractor(freeze(backbone), layer, pool)
+        self.extractor = FeatureExtractor(freeze(backbone), layer, pool, channels_last)
         self.input_size = tuple(input_size) if input_size is not None else None
         self.heads: DeepMinMax | None = None
+        self.vocabulary: dict[str, list[str]] | None = None
+        """String labels of the training data's text columns ({column: labels}, class id k = labels[k]; see
+        `ImageCSVDataset.vocabulary`), saved in config.json so that held-out data is read with the same ids; None
+        when unknown."""
         self._transform: Callable[[Any], Tensor] | None = None
         self._preprocessing: Preprocessing | None = None
         self.preprocessing = (default_preprocessing(backbone, self.backbone_spec, self.input_size)
@@ -103,6 +119,11 @@ class DebiasedEncoder(nn.Module):
     @property
     def layer(self) -> str | None:
         return self.extractor.layer
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the hooked layer's maps are [N, H, W, C] (pooled over axes 1 and 2); saved in config.json."""
+        return self.extractor.channels_last
 
     @property
     def feature_dim(self) -> int | None:
@@ -135,6 +156,24 @@ class DebiasedEncoder(nn.Module):
     def _build_heads(self, feature_dim: int) -> None:
         device = self.device
         self.heads = DeepMinMax(feature_dim, self.attributes, self.head_config).to(device)
+        self._prepare_graph()
+
+    def _prepare_graph(self) -> None:
+        """Trace the hook-free graph that compile / export run, now: it cannot be built while dynamo traces forward.
+
+        Kept out of the module tree (not a submodule), so it adds no state_dict keys; its leaf modules are the
+        backbone's own, so it follows the backbone's weights and devices. Tracing runs the forward hooks of the
+        backbone's traced-through modules once, on torch.fx proxies (so that hooks which change outputs are in the
+        graph). A backbone torch.fx cannot trace still works in eager mode; compile / export then raise the reason.
+        """
+        try:
+            with warnings.catch_warnings():  # torch.fx's notes concern inference_module() users, not every model
+                warnings.simplefilter("ignore")
+                trunk, truncated = truncate_backbone(self.backbone, self.layer, self.backbone_spec)
+        except ValueError as err:
+            self.__dict__["_graph"] = err
+        else:
+            self.__dict__["_graph"] = (trunk.eval(), truncated)
 
     def train(self, mode: bool = True) -> DebiasedEncoder:
         super().train(mode)
@@ -148,7 +187,12 @@ class DebiasedEncoder(nn.Module):
         return self.heads
 
     def features(self, inputs: Tensor) -> Tensor:
-        """Raw hooked, pooled features Z [N, D] (float32), computed without gradients."""
+        """Raw hooked, pooled features Z [N, D] (float32), computed without gradients.
+
+        Under torch.compile / torch.export they come from the hook-free graph instead of the hook (same values).
+        """
+        if _compiling():
+            return self._graph_features(inputs)
         with torch.no_grad():
             return self.extractor(inputs).float()
 
@@ -159,6 +203,22 @@ class DebiasedEncoder(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         """Debiased features Z~ [N, out_dim] of a batch of inputs."""
         return self.debias(self.features(inputs))
+
+    def _graph_features(self, inputs: Tensor) -> Tensor:
+        """`features` through the hook-free graph: what torch.compile and torch.export trace."""
+        graph = self.__dict__.get("_graph")
+        if isinstance(graph, ValueError):
+            raise RuntimeError(f"torch.compile / torch.export need a hook-free graph of the backbone. {graph}"
+                               ) from graph
+        if graph is None:
+            raise RuntimeError("The heads are not built yet: call fit(...) first, pass input_size=, or load with "
+                               "from_pretrained, then compile or export.")
+        trunk, truncated = graph
+        with torch.no_grad():
+            out = trunk(inputs)
+            if truncated:
+                out = out[GRAPH_OUTPUT]
+            return pool_features(first_tensor(out), self.extractor.pool, self.channels_last).float()
 
     @property
     def preprocess(self) -> Callable[[Any], Tensor]:
@@ -222,7 +282,7 @@ class DebiasedEncoder(nn.Module):
         """
         heads = self._require_heads()
         trunk, truncated = truncate_backbone(self.backbone, self.layer, self.backbone_spec)
-        module = InferenceModule(trunk, self.extractor.pool, heads, truncated)
+        module = InferenceModule(trunk, self.extractor.pool, heads, truncated, self.channels_last)
         if check and self.input_size is not None:
             param = next(itertools.chain(self.backbone.parameters(), heads.parameters()))
             x = torch.randn(2, *self.input_size, generator=torch.Generator().manual_seed(0))
@@ -254,8 +314,9 @@ class DebiasedEncoder(nn.Module):
 
         Args:
             loader: an iterable of batches (inputs [N, ...], attrs [N, num_attributes] float with class ids in
-                categorical columns) or (inputs, {name: tensor}). Re-iterated once per epoch, so a one-pass
-                iterator (a generator) is refused. Each batch goes through the backbone once: the first
+                categorical columns) or (inputs, {name: tensor}). Re-iterated once per epoch; a one-pass
+                iterator (a generator) trains one epoch, and is refused up front when fit would read it twice
+                (epochs > 1, stats_batches=None, resume). Each batch goes through the backbone once: the first
                 `stats_batches` give the standardisation statistics and are kept for training (see PrePass).
             epochs: passes over the loader; overrides `config.epochs`.
             config: a FitConfig; **options override its fields (lr, lam, max_steps, device, amp_dtype,
@@ -265,9 +326,11 @@ class DebiasedEncoder(nn.Module):
         shard (e.g. a DistributedSampler): the heads train data-parallel (see `trainer.train`).
 
         Returns:
-            The FitHistory of the loss terms. If fit raises, the heads are restored to their state before the call
-            (a run stopped by SIGINT / SIGTERM with checkpoint_dir set raises TrainingInterrupted after writing a
-            checkpoint that `resume=True` continues from).
+            The FitHistory of the loss terms. If fit raises, the heads are restored to their state before the call,
+            except on SIGINT / SIGTERM (Ctrl-C): training then stops at a step boundary and raises
+            TrainingInterrupted, whose `.history` and `.step` describe the steps taken; the model keeps the heads
+            of the last complete step (save them with save_pretrained), and with checkpoint_dir a checkpoint of
+            that step is written, which `resume=True` continues from.
         """
         base = dataclasses.asdict(config) if config is not None else {}
         base.update(options)
@@ -291,6 +354,8 @@ class DebiasedEncoder(nn.Module):
             assert self.heads is not None
             self.heads.train()
             return train(self.heads, loader, self.extractor, cfg, device, prepass)
+        except TrainingInterrupted:
+            raise  # stopped between two steps: the heads of the steps taken are kept
         except BaseException:
             if snapshot is None:
                 self.heads = None
@@ -322,6 +387,7 @@ class DebiasedEncoder(nn.Module):
             "backbone": self.backbone_spec.to_dict(),
             "layer": self.layer,
             "pool": self.extractor.pool,
+            "channels_last": self.channels_last,
             "input_size": list(self.input_size) if self.input_size is not None else None,
             "feature_dim": heads.feature_dim,
             "out_dim": heads.out_dim,
@@ -329,6 +395,7 @@ class DebiasedEncoder(nn.Module):
             "head": dataclasses.asdict(self.head_config),
             "weights": "heads_only" if heads_only else "full",
             "preprocessing": self._preprocessing.to_dict() if self._preprocessing is not None else None,
+            "vocabulary": self.vocabulary,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, heads_only: bool = False,
@@ -340,11 +407,14 @@ class DebiasedEncoder(nn.Module):
             heads_only: save only the trained heads (`heads.*` tensors), as peft saves adapters. The backbone is
                 then rebuilt from its spec when loading, so it must be a timm / torchvision backbone with a
                 pretrained tag, or a custom module that you pass back with `from_pretrained(..., backbone=)`.
-            metrics: {name: value} written to metrics.json and shown in the card; None uses the metrics.json
-                already in `save_directory`, if any.
+            metrics: {name: value} written to metrics.json, with the sha256 of the weights they describe
+                (`weights_sha256`), and shown in the card; None uses the metrics.json already in `save_directory`
+                unless it records other weights (then it is left out of the card, with a warning).
 
         An audit.json already in `save_directory` (`dmm_wrap.audit`) is shown in the card while it audits the weights
-        written now (same sha256), and left out otherwise.
+        written now (same sha256), and left out otherwise. The card README.md is regenerated only when it is absent
+        or is one dmm_wrap generated and nobody edited (recognised by its last line, a marker with its sha256); an
+        edited or foreign README.md is kept as it is, with a warning.
 
         Example:
             >>> enc.save_pretrained("runs/debiased-resnet18", metrics={"site_probe_accuracy": 0.35})
@@ -356,15 +426,28 @@ class DebiasedEncoder(nn.Module):
         if heads_only:
             state = {k: v for k, v in state.items() if k.startswith(_HEADS_PREFIX)}
         new_metrics = plain_metrics(metrics) if metrics is not None else None
-        card_metrics = new_metrics if new_metrics is not None else load_metrics(Path(save_directory))
+        folder = Path(save_directory)
+        keep_card = card_was_edited(folder)
+        if keep_card:
+            warnings.warn(f"{folder / README_NAME} was edited (or not written by dmm_wrap): it is kept as it is, so "
+                          "its metrics and usage may be stale. Delete it to get a regenerated card.", stacklevel=2)
 
         def writer(tmp: Path) -> None:
-            if new_metrics is not None:
-                write_metrics(new_metrics, tmp / METRICS_NAME)
             save_weights(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "weights": config["weights"]})
             saved = {**config, "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)}
-            audit = load_audit(Path(save_directory), saved)  # shown only if it audits these very weights
-            (tmp / README_NAME).write_text(model_card(saved, card_metrics, audit=audit))
+            if new_metrics is not None:
+                card_metrics = {**new_metrics, WEIGHTS_SHA_KEY: saved["weights_sha256"]}
+                write_metrics(card_metrics, tmp / METRICS_NAME)
+            else:
+                card_metrics = load_metrics(folder)
+                if records_other_weights(card_metrics, saved["weights_sha256"]):
+                    warnings.warn(f"{folder / METRICS_NAME} records other weights than the ones saved now; it is left "
+                                  "out of the model card. Pass metrics= to record those of these weights.",
+                                  stacklevel=4)
+                    card_metrics = None
+            audit = load_audit(folder, saved)  # shown only if it audits these very weights
+            if not keep_card:
+                (tmp / README_NAME).write_text(model_card(saved, card_metrics, audit=audit))
             write_config(saved, tmp / CONFIG_NAME)
 
         return write_atomically(save_directory, writer)
@@ -443,6 +526,8 @@ class DebiasedEncoder(nn.Module):
             load_weights(weights_path)  # raises: missing, or a pickle checkpoint that is refused
         config = read_config(directory / CONFIG_NAME)
         state = load_weights(weights_path)
+        # Full saves of earlier versions held the hooked layer's tensors a second time, under this prefix.
+        state = {k: v for k, v in state.items() if not k.startswith(_DUPLICATE_PREFIX)}
         model = cls._from_config(config, backbone, directory / CONFIG_NAME)
         heads_only = config.get("weights", "full") == "heads_only"
         expected = model.state_dict()
@@ -469,17 +554,37 @@ class DebiasedEncoder(nn.Module):
             raise ValueError(f"{path}: 'backbone' must be a mapping with 'source' and 'name', got "
                              f"{config['backbone']!r}.") from err
         if backbone is None:
+            check_rebuild_spec(spec, str(path))  # before anything reaches timm / torchvision
             backbone = build_backbone(spec) if weights == "full" else _pretrained_backbone(spec)
         elif weights == "heads_only":
             _warn_if_other_backbone(backbone, spec)
         head = _known_keys(HeadConfig, config.get("head", {}), "head config")
         model = cls(backbone, config["layer"], [Attribute.from_dict(a) for a in config["attributes"]],
                     pool=config.get("pool", "avg"), input_size=None, preprocessing=config.get("preprocessing", "auto"),
+                    channels_last=config.get("channels_last"),
                     _feature_dim=int(config["feature_dim"]), **head)
         model.input_size = tuple(config["input_size"]) if config.get("input_size") else None
+        model.vocabulary = _vocabulary(config.get("vocabulary"), path)
         if spec.source != "custom":
             model.backbone_spec = spec
         return model
+
+
+def _vocabulary(value: Any, path: Path) -> dict[str, list[str]] | None:
+    """The "vocabulary" of a config.json: None, or {column: [label, ...]}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, list)
+                                              and all(isinstance(x, str) for x in v) for k, v in value.items()):
+        raise ValueError(f"{path}: 'vocabulary' must be null or a mapping of column names to lists of labels, got "
+                         f"{value!r}.")
+    return {k: list(v) for k, v in value.items()}
+
+
+def _compiling() -> bool:
+    """Whether torch.compile (dynamo) or torch.export is tracing the current call."""
+    check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3; it is also True under torch.export
+    return bool(check()) if check is not None else bool(torch._dynamo.is_compiling())
 
 
 def _pretrained_backbone(spec: BackboneSpec) -> nn.Module:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import Attribute
 from .evaluate import FeatureSet, Metrics, TargetRow
+from .serialization import write_text_atomically
 from .trainer import FitHistory
 
 if TYPE_CHECKING:
@@ -97,10 +98,8 @@ def render_report(metrics: Metrics, targets: Sequence[TargetRow], figures: Seque
 
 def write_report(path: str | os.PathLike, metrics: Metrics, targets: Sequence[TargetRow],
                  figures: Sequence[str] = (), title: str = "dmm_wrap run", notes: Sequence[str] = ()) -> Path:
-    """Write report.md (see `render_report`)."""
-    path = Path(path)
-    path.write_text(render_report(metrics, targets, figures, title, notes), encoding="utf-8")
-    return path
+    """Write report.md (see `render_report`), atomically."""
+    return write_text_atomically(path, render_report(metrics, targets, figures, title, notes))
 
 
 # --------------------------------------------------------------------------- figures
@@ -109,7 +108,7 @@ def _figure(rows: int, cols: int, size: tuple[float, float]) -> Figure:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("Figures need matplotlib: pip install 'dmm-wrap[eval]'.") from err
+        raise ImportError("Figures need matplotlib: pip install 'dmm-wrap[report]'.") from err
     fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
     FigureCanvasAgg(fig)
     return fig

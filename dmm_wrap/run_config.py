@@ -25,20 +25,20 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .config import Attribute, FitConfig, HeadConfig, Pooling
+from .config import (Attribute, ConfigError, FitConfig, HeadConfig, MissingFileError, Pooling, check_fields,
+                     check_value, matches)
+from .config import got as _got
+from .config import type_name as _type_name
 from .evaluate import EvalConfig
 from .leakage import AuditConfig
 from .inference import IMAGENET_MEAN, IMAGENET_STD
+from .serialization import write_text_atomically
 
 DataKind = Literal["synthetic_digits", "image_csv", "camelyon17"]
 
 OPTION_KEYS: dict[str, str] = {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device",
-                               "resume": "fit.resume"}
+                               "resume": "fit.resume", "overwrite": "fit.overwrite_checkpoints"}
 """The config key each dedicated CLI option sets (`--output-dir DIR` is `--set output_dir=DIR`)."""
-
-
-class ConfigError(ValueError):
-    """A run configuration is invalid; the message starts with the offending key path."""
 
 
 @dataclass
@@ -103,6 +103,7 @@ class DataConfig:
     """DataLoader worker processes."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for key in ("num_train", "num_test", "num_sites", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)!r}.")
@@ -150,6 +151,7 @@ class ModelConfig:
     _flatten = ("head",)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         source = self.backbone.partition(":")[0]
         if self.backbone != "digits" and (":" not in self.backbone or source not in ("timm", "torchvision")):
             raise ConfigError(f"model.backbone: expected 'digits', 'timm:NAME' or 'torchvision:NAME', "
@@ -190,6 +192,7 @@ class RunConfig:
     threads that the scheduler has descheduled dominate small workloads."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads: must be None or >= 1, got {self.num_threads!r}.")
 
@@ -219,82 +222,39 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return "a list"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _got(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
 def coerce(path: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp` and return it in that type, or raise ConfigError naming `path`.
 
-    ints are accepted where a float is expected, and so are numeric strings, because YAML 1.1 (PyYAML) reads
-    `1e-3` as a string. Lists become tuples for tuple fields.
+    The check is the dataclasses' own (`config.check_value`); on top of it, ints become floats for float fields,
+    numeric strings too, because YAML 1.1 (PyYAML) reads `1e-3` as a string, and lists become tuples for tuple fields.
     """
     origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
+    if origin in (Union, types.UnionType) and value is not None:
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return coerce(path, value, arg)
+                except ConfigError:
+                    continue
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
         args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got None.")
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(path, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}.")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and isinstance(value, str) == isinstance(choices[0], str):
-            return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
-        raise ConfigError(f"{path}: expected one of {list(choices)}, got {value!r}{hint}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {_got(value)}.")
-        args = typing.get_args(tp)
-        item = args[0] if args else Any
-        items = [coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        items = [coerce(f"{path}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if dataclasses.is_dataclass(tp):
+    elif dataclasses.is_dataclass(tp):
         return build_section(tp, value, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif tp is float and matches(value, float):
+        return float(value)
+    elif tp is float and isinstance(value, str):
+        try:
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"Internal: no config check for annotation {tp!r} at {path}.")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}.")
+        except ValueError:
+            pass
+    elif origin is Literal and not matches(value, tp):
+        close = difflib.get_close_matches(str(value), [str(c) for c in typing.get_args(tp)], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}{hint}")
+    check_value(path, value, tp)
+    return value
 
 
 def build_section(cls: type, values: Any, path: str) -> Any:
@@ -326,12 +286,14 @@ def build_section(cls: type, values: Any, path: str) -> Any:
         kwargs[name] = build_section(sub, sub_values[name], path)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:
+    except ValueError as err:  # ConfigError included; a TypeError here would be a bug, not the user's
         # The dataclasses name their fields "FitConfig.lam"; say "fit.lam", the key the user wrote.
         msg = str(err).replace(f"{cls.__name__}.", f"{path}." if path else "")
-        raise ConfigError(msg if path and msg.startswith(f"{path}.") else f"{path or 'config'}: {msg}") from err
+        if msg == str(err) and path and not msg.startswith(f"{path}."):
+            msg = f"{path}: {msg}"
+        if msg == str(err) and isinstance(err, ConfigError):
+            raise
+        raise ConfigError(msg) from err
 
 
 def to_plain(obj: Any) -> Any:
@@ -388,7 +350,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a run file as a mapping (an empty file is an empty mapping)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {str(path)!r} not found.")
+        raise MissingFileError(f"Config file {str(path)!r} not found.")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -411,10 +373,8 @@ def load_run_config(path: str | os.PathLike, overrides: Iterable[tuple[str, Any]
 
 
 def write_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML; loading it back gives the same RunConfig."""
-    path = Path(path)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    return path
+    """Write the resolved config as YAML, atomically; loading it back gives the same RunConfig."""
+    return write_text_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "ConfigError", "OPTION_KEYS", "load_run_config",

@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,106 @@ PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "mode
 """Pickled checkpoints that are recognised only to refuse them: unpickling can run arbitrary code."""
 MODEL_TYPE = "dmm_wrap.DebiasedEncoder"
 FORMAT_VERSION = 1
+WEIGHTS_SHA_KEY = "weights_sha256"
+"""The key of metrics.json (and config.json) that records the sha256 of the model.safetensors it belongs to."""
+
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]{8}$")
+"""Temporary files and folders of our writes: `.<final name>.tmp-<host>-<pid>-<random>`."""
+_OLD_TEMP = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}$")
+"""The temporary folders older versions left (`.<name>.tmp-<random>`): stale once a day old."""
+_OLD_TEMP_AGE_S = 86400
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine in temporary names, so that a shared folder's pids are only judged here."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-{_host_tag()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temps(parent: Path) -> None:
+    """Remove the temporary files and folders in `parent` that writes killed mid-way left: ours (by their name)
+    whose process, on this machine, is gone, and those of older versions once they are a day old."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    host = _host_tag()
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match is not None:
+            stale = match["host"] == host and not _alive(int(match["pid"]))
+        else:
+            try:
+                stale = bool(_OLD_TEMP.match(entry.name)) and time.time() - entry.stat().st_mtime > _OLD_TEMP_AGE_S
+            except OSError:
+                continue
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def create_temp_file(directory: Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """Create an empty file `prefix<8 random characters>suffix` in `directory`, open for writing (returns its fd and
+    path), with the mode a new file gets: 0o666 filtered by the umask, which the kernel applies (tempfile.mkstemp
+    makes 0o600 files, and reading the umask means setting it, for every thread of the process)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_"
+    for _ in range(100):
+        path = directory / (prefix + "".join(secrets.choice(alphabet) for _ in range(8)) + suffix)
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"Could not create a temporary file in {directory}: every name tried exists.")
+
+
+def new_file_mode(directory: Path) -> int:
+    """The permission bits a file newly created in `directory` gets (0o666 less the umask), found by creating one:
+    reading the umask with os.umask means setting it, for every thread of the process."""
+    fd, probe = create_temp_file(directory, ".mode-probe-")
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, fsync it and os.replace it onto `path`: a crash leaves the
+    old file or the new one, whole. The file gets the mode a newly created file gets (the umask is not touched)."""
+    path = Path(path)
+    clean_stale_temps(path.parent)
+    fd, tmp = create_temp_file(path.parent, _temp_prefix(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """`write_bytes_atomically` for text."""
+    return write_bytes_atomically(path, text.encode(encoding))
 
 
 def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
@@ -31,17 +135,22 @@ def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None
 
     Each file is swapped in whole, config.json last, so a crash never leaves a half-written file. config.json
     records the sha256 of the weights written with it, so a crash between two swaps (new weights beside the old
-    config) is refused on load rather than loaded silently.
+    config) is refused on load rather than loaded silently. Temporary folders that killed saves left in the same
+    parent are removed first (see `clean_stale_temps`).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    clean_stale_temps(directory.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
     try:
         writer(tmp)
         directory.mkdir(parents=True, exist_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == CONFIG_NAME)
+        mode = new_file_mode(tmp)  # writers may create 0o600 files (safetensors does)
         for name in names:
+            if (tmp / name).is_file():
+                os.chmod(tmp / name, mode)
             move_into_place(tmp / name, directory / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -49,10 +158,8 @@ def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None
 
 
 def move_into_place(tmp: Path, final: Path) -> None:
-    """os.replace `tmp` onto `final`, first giving it the mode a newly created file gets (temp files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    """os.replace `tmp` onto `final`. Create `tmp` with the mode `final` should get (`create_temp_file`, or an open()
+    in a temporary folder): the process-wide umask is never changed, which would race with other threads."""
     os.replace(tmp, final)
 
 
@@ -122,6 +229,13 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(plain_metrics(metrics), indent=2) + "\n")
 
 
+def records_other_weights(metrics: Mapping[str, Any] | None, weights_sha256: str | None) -> bool:
+    """Whether `metrics` records (under `WEIGHTS_SHA_KEY`) other weights than those whose sha256 is `weights_sha256`;
+    metrics that record none (written before dmm_wrap recorded it) are taken as they are."""
+    recorded = metrics.get(WEIGHTS_SHA_KEY) if isinstance(metrics, Mapping) else None
+    return recorded is not None and weights_sha256 is not None and recorded != weights_sha256
+
+
 def read_metrics(path: Path) -> dict[str, Any] | None:
     """The metrics.json at `path` as a dict, or None when there is none."""
     if not path.is_file():
@@ -186,6 +300,8 @@ def check_keys(expected: dict[str, Tensor], found: dict[str, Tensor], path: Path
         raise ValueError(f"{path} has tensors of the wrong shape: {wrong[:10]}. Was it saved from another backbone?")
 
 
-__all__ = ["write_atomically", "file_sha256", "check_weights_match_config", "save_weights", "load_weights", "read_config", "write_config", "check_keys",
+__all__ = ["write_bytes_atomically", "write_text_atomically", "create_temp_file", "clean_stale_temps",
+           "records_other_weights", "WEIGHTS_SHA_KEY",
+           "write_atomically", "file_sha256", "check_weights_match_config", "save_weights", "load_weights", "read_config", "write_config", "check_keys",
            "write_metrics", "read_metrics", "plain_metrics", "require_keys", "CONFIG_NAME", "WEIGHTS_NAME",
            "README_NAME", "METRICS_NAME", "AUDIT_NAME", "PICKLE_NAMES", "MODEL_TYPE", "FORMAT_VERSION"]

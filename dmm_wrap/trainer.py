@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .alignment import AlignmentTarget, PiecewiseAlignment, fit_alignment
 from .checkpoint import (Checkpoint, Checkpointer, Position, TrainingInterrupted, capture_rng, check_fingerprint,
                          load_optimizer_state, restore_rng)
-from .config import Attribute, FitConfig
+from .config import Attribute, ConfigError, FitConfig
 from .distributed import (all_gather_object, all_gather_tensor, all_reduce_sum, barrier, broadcast_object,
                           check_sharded, collective_device, fail_together, is_distributed, is_main_process, rank,
                           world_size)
@@ -193,6 +193,25 @@ def _compact(t: Tensor) -> Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
+def _check_one_pass(loader: Iterator, cfg: FitConfig, standardize: bool) -> None:
+    """Refuse a one-pass iterator (a generator, say) when fit would read it more than once; with one epoch, the
+    pre-pass's kept batches and the rest of the same pass are each trained on once."""
+    if cfg.epochs > 1:
+        reason, fix = f"epochs={cfg.epochs} reads the loader once per epoch", "or pass epochs=1"
+    elif standardize and cfg.stats_batches is None:
+        reason, fix = ("stats_batches=None reads a whole pass for the statistics before training reads it again",
+                       "or pass stats_batches=N")
+    elif cfg.resume:
+        reason, fix = "resume=True reads the loader from its start to skip what was trained", "or start a new run"
+    else:
+        return
+    raise TypeError(
+        f"fit got a one-pass iterator ({type(loader).__name__}), which yields its batches only once, but {reason}. "
+        f"Pass a re-iterable loader (e.g. a DataLoader or a list of batches, or an IterableDataset whose __iter__ "
+        f"starts a new pass), {fix}."
+    )
+
+
 class PrePass:
     """The first batches of epoch 0, read ahead of training: the first one sizes the heads, the first
     `cfg.stats_batches` give the standardisation statistics, and training then takes their features as the first
@@ -205,18 +224,14 @@ class PrePass:
     loader again (each batch goes through the backbone twice in epoch 0).
 
     `rng` holds the RNG states from just before epoch 0's first batch was drawn (with checkpoints), so a run resumed
-    in epoch 0 replays the same data, pre-pass batches included. One-pass iterators are refused: fit reads the loader
-    once per epoch, and a resumed run reads it again.
+    in epoch 0 replays the same data, pre-pass batches included. A one-pass iterator (a generator) is trained on for
+    one epoch; it is refused when fit would read it twice (several epochs, whole-pass statistics, a resume).
     """
 
     def __init__(self, loader: Iterable, attributes: tuple[Attribute, ...], extract: Callable[[Tensor], Tensor],
                  cfg: FitConfig, device: torch.device, standardize: bool) -> None:
         if isinstance(loader, Iterator):
-            raise TypeError(
-                f"fit got a one-pass iterator ({type(loader).__name__}), which a second pass finds empty, but fit "
-                "reads the loader once per epoch and a resumed run reads it again. Pass a re-iterable loader: a "
-                "DataLoader, a list of batches, or an IterableDataset whose __iter__ starts a new pass."
-            )
+            _check_one_pass(loader, cfg, standardize)
         self.loader, self.attributes, self.extract, self.device = loader, attributes, extract, device
         self.amp_dtype = cfg.amp_dtype
         self.stats_batches = cfg.stats_batches
@@ -237,7 +252,7 @@ class PrePass:
         _set_epoch(self.loader, 0)
         if not self._separate and self.record_rng:
             self.rng = capture_rng(self.loader)
-        with _workers_ignore_stop_signals(self.loader, self.record_rng):
+        with _workers_ignore_stop_signals(self.loader, True):
             batches = iter(self.loader)  # the loader's workers start here: they must ignore what training handles
         self._batches = iterate_batches(batches, self.attributes, self.extract, self.device, self.amp_dtype)
 
@@ -388,14 +403,18 @@ class EstimatorLoss(nn.Module):
 
 class StopSignals:
     """Within the block, SIGINT and SIGTERM ask training to stop at the next step boundary (after writing a
-    checkpoint) instead of killing it mid-write. A second SIGINT (Ctrl-C twice) stops at once; repeated SIGTERMs
+    checkpoint, with `checkpointing`) instead of killing it mid-step or mid-write. A second SIGINT (Ctrl-C twice)
+    stops at once, but after the update in progress (see `deferred`); a third one stops even that. Repeated SIGTERMs
     (schedulers and torchrun both forward them) are ignored. Only the main thread can install handlers; elsewhere
     the block does nothing."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, checkpointing: bool = True) -> None:
         self.enabled = enabled
+        self.checkpointing = checkpointing
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._deferring = False
+        self._pending = False
 
     def __enter__(self) -> StopSignals:
         if self.enabled and threading.current_thread() is threading.main_thread():
@@ -406,12 +425,29 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             if signum == signal.SIGINT:
+                if self._deferring and not self._pending:
+                    self._pending = True  # raised when the update in progress is done
+                    return
                 raise KeyboardInterrupt
             return
         self.signum = signum
         if is_main_process():
-            print(f"\ndmm_wrap: signal {signum} received; stopping after this step and writing a checkpoint "
-                  "(Ctrl-C again stops at once).", file=sys.stderr, flush=True)
+            then = "writing a checkpoint" if self.checkpointing else "keeping the heads of the steps taken"
+            print(f"\ndmm_wrap: signal {signum} received; stopping after this step and {then} (Ctrl-C again stops "
+                  "at once).", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within the block (a step's updates of the heads), a second SIGINT raises KeyboardInterrupt only at the
+        block's end, so a stopped run never holds half-updated heads; a third SIGINT raises at once."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
@@ -496,7 +532,10 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
     so uneven shards cannot desynchronise the ranks), and a rank that was signalled to stop.
 
     With `cfg.checkpoint_dir`, a checkpoint is written every `cfg.checkpoint_every` steps, at the end, and on
-    SIGINT / SIGTERM (then TrainingInterrupted is raised); `cfg.resume` continues from the newest intact one.
+    SIGINT / SIGTERM (then TrainingInterrupted is raised); `cfg.resume` continues from the newest intact one. A new
+    run into a checkpoint_dir that holds checkpoints is refused unless `cfg.overwrite_checkpoints`. Without
+    checkpoint_dir, SIGINT / SIGTERM also stop training at a step boundary with TrainingInterrupted, and `objective`
+    keeps the heads of the steps taken.
     """
     ddp = is_distributed()
     if ddp and device.type == "cuda":
@@ -601,9 +640,14 @@ def _train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], 
     def done() -> bool:
         return cfg.max_steps is not None and position.step >= cfg.max_steps
 
-    stop = StopSignals(enabled=checkpointer is not None)
+    def interrupted(signum: int, path: Path | None) -> TrainingInterrupted:
+        """The stop at a step boundary: the heads and `history` are those of the `position.step` steps taken."""
+        history.steps_done = position.step
+        return TrainingInterrupted(signum, position.step, path, rank(), history)
+
+    stop = StopSignals(enabled=True, checkpointing=checkpointer is not None)
     try:
-        with stop, _workers_ignore_stop_signals(loader, checkpointer is not None):
+        with stop, _workers_ignore_stop_signals(loader, True):
             for epoch in range(position.epoch, cfg.epochs):
                 if done():
                     break
@@ -630,9 +674,9 @@ def _train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], 
                         pass
                     except Exception as err:
                         if not ddp:
-                            if stop.signum is not None and checkpointer is not None:
+                            if stop.signum is not None:
                                 # The signal also reached a loader worker; the run still stops at a step boundary.
-                                raise TrainingInterrupted(stop.signum, position.step, save_checkpoint(), rank()) from err
+                                raise interrupted(stop.signum, save_checkpoint() if checkpointer else None) from err
                             raise
                         failure = err
                     sums, stop_now = None, False
@@ -649,9 +693,11 @@ def _train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], 
                     if cfg.align_weight > 0 and position.step > 0 and position.step % cfg.align_every == 0:
                         with fail_together(f"Step {position.step}: refitting the alignment target"):
                             refit_alignment(objective, objective.alignment, cfg)
-                    _step(objective, h_net, est_net, opt_h, opt_est, z, b, sums, position.step, cfg, history, ddp)
+                    with stop.deferred():  # Ctrl-C twice: the heads are never left half-updated
+                        _step(objective, h_net, est_net, opt_h, opt_est, z, b, sums, position.step, cfg, history,
+                              ddp)
+                        position.step += 1
                     bar.update(1)
-                    position.step += 1
                     stop_now = stop_now or (not ddp and stop.signum is not None)
                     if history.step and history.step[-1] == position.step - 1:
                         bar.set_postfix(loss=f"{history.loss[-1]:.3f}", club=f"{history.debias[-1]:.3f}",
@@ -661,18 +707,27 @@ def _train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], 
                         saved_at = position.step
                         if stop_now:
                             barrier()  # no rank exits (and gets the others killed) before rank 0 has written
-                            raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step, path, rank())
+                            raise interrupted(stop.signum or signal.SIGTERM, path)
+                    elif stop_now:
+                        raise interrupted(stop.signum or signal.SIGTERM, None)
                 if position.batches == 0:
                     raise ValueError(EMPTY_LOADER)
+            path = None
             if checkpointer is not None:
                 path = save_checkpoint() if saved_at != position.step else None
-                # A signal after the last flag was read (last step, last fetch): still reported as a stop.
-                stopped = stop.signum is not None
-                if ddp:
-                    stopped = all_reduce_sum(torch.tensor([float(stopped)], device=device)).item() > 0
-                if stopped:
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, position.step,
-                                              path or checkpointer.paths()[0] if is_main_process() else None, rank())
+            # A signal after the last flag was read (last step, last fetch): still reported as a stop.
+            stopped = stop.signum is not None
+            if ddp:
+                stopped = all_reduce_sum(torch.tensor([float(stopped)], device=device)).item() > 0
+            if stopped:
+                if checkpointer is not None and is_main_process():
+                    path = path or checkpointer.paths()[0]
+                raise interrupted(stop.signum or signal.SIGTERM, path if is_main_process() else None)
+    except KeyboardInterrupt as err:
+        if isinstance(err, TrainingInterrupted) or checkpointer is not None or ddp:
+            raise
+        # Ctrl-C twice: it stops between two steps' updates (StopSignals.deferred), so the heads are a step's.
+        raise interrupted(signal.SIGINT, None) from err
     finally:
         bar.close()
         prepass.close()
@@ -703,6 +758,24 @@ def _synchronise(objective: DeepMinMax, b: Tensor | None, stop: bool, failure: B
     return packed[:width], any_stop
 
 
+def _replace_earlier_run(checkpointer: Checkpointer, overwrite: bool) -> None:
+    """A new run: refuse a checkpoint_dir holding an earlier run's checkpoints, unless told to overwrite them (they
+    are then removed when this run writes its first checkpoint)."""
+    earlier = checkpointer.paths()
+    if not earlier:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"checkpoint_dir {checkpointer.directory} holds {len(earlier)} checkpoint(s) of an earlier run (newest "
+            f"{earlier[0].name}), which a new run would remove. Continue that run with resume=True (dmm-wrap fit "
+            "--resume), replace it with overwrite_checkpoints=True (dmm-wrap fit --overwrite), or choose another "
+            "checkpoint_dir (--output-dir)."
+        )
+    checkpointer.replace_earlier_run()
+    warnings.warn(f"Starting a new run (overwrite_checkpoints=True): the {len(earlier)} checkpoint(s) of an earlier "
+                  f"run in {checkpointer.directory} will be removed when this run writes its first one.", stacklevel=5)
+
+
 def _find_resume_point(checkpointer: Checkpointer | None, objective: DeepMinMax, cfg: FitConfig,
                        run_fingerprint: dict[str, Any]) -> Checkpoint | None:
     """The checkpoint to continue from, chosen by rank 0 and read by every rank, or None for a new run. Every rank
@@ -713,24 +786,16 @@ def _find_resume_point(checkpointer: Checkpointer | None, objective: DeepMinMax,
                              "to.")
         return None
     if not cfg.resume:
-        if is_main_process():
-            earlier = checkpointer.replace_earlier_run()
-            if earlier:
-                warnings.warn(f"Starting a new run: the {earlier} checkpoint(s) of an earlier run in "
-                              f"{checkpointer.directory} will be removed when this run writes its first one (pass "
-                              "resume=True / --resume to continue that run instead).", stacklevel=3)
+        with fail_together(f"checking checkpoint_dir {checkpointer.directory}"):
+            if is_main_process():
+                _replace_earlier_run(checkpointer, cfg.overwrite_checkpoints)
         return None
-    chosen: tuple[str | None, str | None] = (None, None)
     found: Checkpoint | None = None
-    if is_main_process():
-        try:
+    # A read error or a checkpoint of a newer dmm_wrap is raised as it is (on rank 0; the others stop with it).
+    with fail_together(f"finding the checkpoint to resume from in {checkpointer.directory}"):
+        if is_main_process():
             found = checkpointer.latest()
-            chosen = (str(found.path) if found is not None else None, None)
-        except (ValueError, OSError) as err:
-            chosen = (None, str(err))
-    path, error = broadcast_object(chosen)
-    if error is not None:
-        raise ValueError(error)
+    path = broadcast_object(str(found.path) if found is not None else None)
     if path is None:
         if is_main_process():
             warnings.warn(f"resume=True but {checkpointer.directory} holds no checkpoint; starting from scratch.",

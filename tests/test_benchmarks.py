@@ -1,4 +1,5 @@
-"""benchmarks/bench.py --smoke runs end to end and reports every ratio; no timing is asserted."""
+"""benchmarks/bench.py --smoke runs end to end and reports every ratio; no timing is asserted, but the memory
+ratio must tell a fit that caches its features (the negative control) from the real one."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-RATIOS = ("fit_overhead", "early_exit", "stream_memory", "inference_overhead", "inference_module_overhead")
+RATIOS = ("fit_overhead", "early_exit", "stream_memory", "stream_memory_control", "inference_overhead",
+          "inference_module_overhead")
 
 
+@pytest.mark.slow
 def test_smoke_reports_all_ratios(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out_json.read_text())
     for name in RATIOS:
@@ -26,3 +31,11 @@ def test_smoke_reports_all_ratios(tmp_path: Path) -> None:
         assert result[key]
     assert result["machine"]["torch"] and result["machine"]["threads"] >= 1
     assert "--smoke" in proc.stdout and "torch" in proc.stdout
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["stream_memory"]["met"] is True  # the real fit holds as much on 20 batches as on 2
+    assert rows["stream_memory_control"]["met"] is True, rows["stream_memory_control"]  # the cache is flagged
+    control = result["memory_control_mb"]
+    assert control["20"]["cached_batches"] == 20 and control["2"]["cached_batches"] == 2
+    cache_mb = 18 * 128 * 512 * 4 / 2**20  # the 18 extra batches' features at avgpool (D = 512), float32
+    held = control["20"]["held_mb"] - control["2"]["held_mb"]
+    assert 0.8 * cache_mb < held < 1.5 * cache_mb, (held, cache_mb)

@@ -223,10 +223,13 @@ def test_resume_errors_and_fresh_runs(tmp_path: Path) -> None:
         path.write_bytes(b"\x80\x04not a safetensors file")  # e.g. a pickle under the right name: never loaded
     with pytest.raises(ValueError, match="None of the 2 checkpoint"), pytest.warns(UserWarning):
         _fit(_model(), tmp_path / "run", 12, resume=True)
-    # A new run in the folder removes the earlier run's checkpoints, which a later resume would otherwise pick up.
+    # A new run in the folder is refused; told to overwrite, it removes the earlier run's checkpoints, which a later
+    # resume would otherwise pick up.
     _fit(_model(), tmp_path / "higher", 15)
-    with pytest.warns(UserWarning, match=r"the 2 checkpoint\(s\) of an earlier run .* will be removed"):
+    with pytest.raises(ValueError, match="holds 2 checkpoint"):
         _fit(_model(), tmp_path / "higher", 5)
+    with pytest.warns(UserWarning, match=r"the 2 checkpoint\(s\) of an earlier run .* will be removed"):
+        _fit(_model(), tmp_path / "higher", 5, overwrite_checkpoints=True)
     assert [p.name for p in Checkpointer(tmp_path / "higher", 5).paths()] == ["checkpoint-000000005.safetensors"]
 
 

@@ -1,10 +1,13 @@
-"""CLI: a smoke run of the default config writes every output quickly; errors exit 2 with the key in one line."""
+"""CLI: a smoke run of the default config writes every output; user errors exit 2 with the key in one line, bugs
+show their traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,24 +17,44 @@ from safetensors.torch import load_file
 from dmm_wrap import DebiasedEncoder
 from dmm_wrap.cli import COMMANDS, Command, build_parser, main
 from dmm_wrap.evaluate import Metrics
-from dmm_wrap.run_config import load_run_config
+from dmm_wrap.run_config import OPTION_KEYS, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "synthetic_digits.yaml")
 
 
+REFERENCE_INPUT = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+"""A batch the smoke run's trained model is applied to in memory, as it is saved: the reference for the reload."""
+REFERENCE_THREADS: list[int] = []
+"""torch's intra-op thread count when the reference was taken (the run's `threads` setting): a float sum split over
+another number of threads rounds differently, so the reload is compared on the same count."""
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    """The smoke run's folder, and the trained model's output on REFERENCE_INPUT (taken in memory, as it was saved)."""
     out = tmp_path_factory.mktemp("smoke")
-    start = time.perf_counter()
-    status = main(["fit", DEFAULT, "--max-steps", "5", "--output-dir", str(out), "--set", "fit.progress=false"])
-    assert status == 0
-    return out, time.perf_counter() - start
+    reference: list[torch.Tensor] = []
+    save = DebiasedEncoder.save_pretrained
+
+    def recording(self: DebiasedEncoder, *args, **kwargs):
+        with torch.no_grad():
+            reference.append(self(REFERENCE_INPUT).clone())
+        REFERENCE_THREADS.append(torch.get_num_threads())
+        return save(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DebiasedEncoder, "save_pretrained", recording)
+        status = main(["fit", DEFAULT, "--max-steps", "5", "--output-dir", str(out), "--set", "fit.progress=false"])
+    assert status == 0 and len(reference) == 1
+    return out, reference[0]
 
 
-def test_smoke_run_writes_every_output(smoke_run: tuple[Path, float], capsys: pytest.CaptureFixture) -> None:
-    out, seconds = smoke_run
-    assert seconds < 60
+def test_smoke_run_writes_every_output(smoke_run: tuple[Path, torch.Tensor], capsys: pytest.CaptureFixture) -> None:
+    from dmm_wrap.evaluate import check_targets
+    from dmm_wrap.report import format_targets
+
+    out, _ = smoke_run
     for name in ("metrics.json", "report.md", "tsne.png", "training_curves.png", "history.json", "config.yaml",
                  "model/config.json", "model/model.safetensors"):
         assert (out / name).is_file(), name
@@ -39,7 +62,7 @@ def test_smoke_run_writes_every_output(smoke_run: tuple[Path, float], capsys: py
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     data = json.loads((out / "metrics.json").read_text())
-    assert set(data) == {"methods", "wall_seconds"} and 0 < data["wall_seconds"] < 60
+    assert set(data) == {"methods", "wall_seconds", "weights_sha256"} and data["wall_seconds"] > 0
     assert list(data["methods"]) == ["raw", "leace", "dmm"]
     for method in data["methods"].values():
         assert set(method) == {"task_accuracy", "leakage"} and isinstance(method["task_accuracy"], float)
@@ -49,24 +72,38 @@ def test_smoke_run_writes_every_output(smoke_run: tuple[Path, float], capsys: py
         assert method["leakage"]["site"]["metric"] == "balanced_accuracy"
         assert method["leakage"]["site"]["chance"] == pytest.approx(1 / 3)  # 3 sites
         assert method["leakage"]["rotation"]["metric"] == "r2"
-    Metrics.from_dict(data)
+    metrics = Metrics.from_dict(data)
 
     report = (out / "report.md").read_text()
-    assert "## Targets" in report and ("MET" in report) and "![tsne](tsne.png)" in report
+    targets = check_targets(metrics)  # each target's MET / NOT MET line must be the one its numbers give
+    assert len(targets) == 5 and f"## Targets ({sum(t.met for t in targets)}/5 met)" in report
+    assert format_targets(targets) in report and "![tsne](tsne.png)" in report
     assert json.loads((out / "history.json").read_text())["steps_done"] == 5
     resolved = load_run_config(out / "config.yaml")
     assert resolved.fit.max_steps == 5 and resolved.output_dir == str(out)
 
 
-def test_smoke_model_loads_and_matches(smoke_run: tuple[Path, float]) -> None:
-    out, _ = smoke_run
+def test_smoke_model_loads_and_matches(smoke_run: tuple[Path, torch.Tensor]) -> None:
+    out, reference = smoke_run
     model = DebiasedEncoder.from_pretrained(out / "model")
-    x = torch.rand(4, 3, 32, 32)
-    assert model(x).shape[0] == 4 and torch.isfinite(model(x)).all()
+    before = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE_THREADS[-1])
+    try:
+        with torch.no_grad():
+            reloaded = model(REFERENCE_INPUT)
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        assert torch.equal(reloaded, reference)  # the reloaded model computes what the trained one did
+        # Control: the comparison can fail. The same architecture with fresh heads gives other features.
+        fresh = DebiasedEncoder.from_pretrained(out / "model")
+        torch.manual_seed(1)
+        fresh._build_heads(fresh.feature_dim)
+        assert not torch.allclose(fresh(REFERENCE_INPUT), reference, atol=1e-3)
     assert [a.name for a in model.attributes] == ["rotation", "width", "site"]
 
 
-def test_eval_command_on_saved_model(smoke_run: tuple[Path, float], tmp_path: Path) -> None:
+def test_eval_command_on_saved_model(smoke_run: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
     out, _ = smoke_run
     status = main(["eval", str(out / "model"), DEFAULT, "--output-dir", str(tmp_path),
                    "--set", "eval.max_samples=200", "--set", "eval.tsne_samples=0"])
@@ -116,9 +153,89 @@ def test_options_map_to_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert args.run(args) == 0
     cfg = seen["cfg"]
     assert (cfg.output_dir, cfg.fit.max_steps, cfg.fit.device) == ("o", 3, "cpu")
-    assert cfg.fit.lr == 0.002 and cfg.eval.leace is False and cfg.fit.resume is False
+    assert cfg.fit.lr == 0.002 and cfg.eval.leace is False
+    assert cfg.fit.resume is False and cfg.fit.overwrite_checkpoints is False
     args = parser.parse_args(["fit", DEFAULT, "--resume"])
-    assert args.run(args) == 0 and seen["cfg"].fit.resume is True
+    assert args.run(args) == 0
+    assert (seen["cfg"].fit.resume, seen["cfg"].fit.overwrite_checkpoints) == (True, False)
+    args = parser.parse_args(["fit", DEFAULT, "--overwrite"])
+    assert args.run(args) == 0
+    assert (seen["cfg"].fit.resume, seen["cfg"].fit.overwrite_checkpoints) == (False, True)
+    # Every dedicated option of `fit` is one config key: no option is left out of OPTION_KEYS, nor the reverse.
+    fit_parser = argparse.ArgumentParser()
+    COMMANDS[0].add_arguments(fit_parser)
+    fit_options = {a.dest for a in fit_parser._actions if a.option_strings and a.dest not in ("help", "set")}
+    assert fit_options == set(OPTION_KEYS) and OPTION_KEYS["overwrite"] == "fit.overwrite_checkpoints"
+
+
+def test_resume_and_overwrite_together_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["fit", DEFAULT, "--resume", "--overwrite", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dmm-wrap: error: fit.resume and fit.overwrite_checkpoints are both True")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as info:  # eval and audit train nothing: they have no --overwrite
+        build_parser().parse_args(["eval", str(tmp_path), DEFAULT, "--overwrite"])
+    assert info.value.code == 2
+
+
+BUG_INJECTION = """
+import runpy
+
+import dmm_wrap.cli
+
+
+def broken(*args, **kwargs):
+    raise ValueError("injected bug")
+
+
+dmm_wrap.cli.build_data = broken
+runpy.run_module("dmm_wrap", run_name="__main__", alter_sys=True)
+"""
+"""`python -c BUG_INJECTION ARGS...` is `python -m dmm_wrap ARGS...` with a bug in the data loading of `fit`."""
+
+
+def test_user_errors_exit_2_in_one_line_but_bugs_show_their_traceback(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dmm_wrap.cli
+    from dmm_wrap.config import ConfigError
+
+    monkeypatch.delenv("DMM_WRAP_TRACEBACK", raising=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fit:\n  epochs: ten\n")
+    out = tmp_path / "out"
+    one_line = "dmm-wrap: error: fit.epochs: expected int, got str 'ten'.\n"
+    assert main(["fit", str(bad), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == one_line
+
+    fit = ["fit", DEFAULT, "--max-steps", "1", "--output-dir", str(out), "--set", "fit.progress=false"]
+    for error in (ConfigError("data.root: injected"), ValueError("injected"), TypeError("injected"),
+                  OSError(5, "injected"), FileNotFoundError(2, "injected", "x"), KeyError("injected")):
+        def broken(*args: object, error: Exception = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(dmm_wrap.cli, "build_data", broken)
+        if isinstance(error, ConfigError):  # control: the patched function is on fit's path, and this is the user's
+            assert main(fit) == 2 and capsys.readouterr().err == "dmm-wrap: error: data.root: injected\n"
+            continue
+        with pytest.raises(type(error)) as info:
+            main(fit)
+        assert info.value is error and "dmm-wrap: error" not in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setenv("DMM_WRAP_TRACEBACK", "1")  # asked for, a user error shows its traceback too
+    with pytest.raises(ConfigError, match=r"^fit\.epochs: expected int, got str 'ten'"):
+        main(["fit", str(bad), "--output-dir", str(out)])
+
+    # The same through the interpreter: the exit status and stderr a shell sees.
+    env = {k: v for k, v in os.environ.items() if k != "DMM_WRAP_TRACEBACK"} | {"OMP_NUM_THREADS": "1"}
+    user = subprocess.run([sys.executable, "-m", "dmm_wrap", "fit", str(bad), "--output-dir", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert (user.returncode, user.stderr, user.stdout) == (2, one_line, "")
+    bug = subprocess.run([sys.executable, "-c", BUG_INJECTION, *fit], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bug.returncode == 1, bug.stderr
+    assert "Traceback (most recent call last):" in bug.stderr and "dmm-wrap: error" not in bug.stderr
+    assert "in fit_and_evaluate" in bug.stderr and bug.stderr.rstrip().endswith("ValueError: injected bug")
+    assert not out.exists()
 
 
 def test_subcommand_table_is_extensible() -> None:
@@ -167,11 +284,81 @@ def test_image_csv_model_records_the_preprocessing_it_was_trained_with(tmp_path:
     assert torch.equal(model.preprocess(Image.open(tmp_path / "1.png").convert("RGB")), image)
 
 
+def test_image_csv_eval_split_and_saved_model_use_the_training_vocabulary(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training sites {A, B, C} are ids 0/1/2; a test CSV holding only {B, C} keeps B=1, C=2 (read alone: 0/1)."""
+    import numpy as np
+    from PIL import Image
+
+    import dmm_wrap.cli
+    from dmm_wrap.data import ImageCSVDataset
+
+    rng = np.random.default_rng(0)
+
+    def write_csv(name: str, sites: list[str]) -> None:
+        rows = ["path,site,label"]
+        for i, site in enumerate(sites):
+            Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(tmp_path / f"{name}_{i}.png")
+            rows.append(f"{name}_{i}.png,{site},{i % 2}")
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+
+    def write_config(name: str, csv: str, test_csv: str) -> str:
+        (tmp_path / name).write_text(
+            f"data: {{kind: image_csv, root: {tmp_path}, csv: {tmp_path / csv}, test_csv: {tmp_path / test_csv}, "
+            "label_column: label, batch_size: 4, image_size: 16, "
+            "attributes: [{name: site, kind: categorical, num_classes: 3}]}\n"
+            "model: {backbone: 'torchvision:resnet18', layer: layer1}\n")
+        return str(tmp_path / name)
+
+    write_csv("train", ["A", "B", "C"] * 4)
+    write_csv("test", ["C", "B", "C", "B"])
+    write_csv("unseen", ["B", "D", "C"])
+    loaded: list[dmm_wrap.cli.RunData] = []
+    build_data = dmm_wrap.cli.build_data
+
+    def recording(*args: object, **kwargs: object) -> dmm_wrap.cli.RunData:
+        loaded.append(build_data(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(dmm_wrap.cli, "build_data", recording)
+    out = tmp_path / "out"
+    fast = ["--set", "fit.stats_batches=2", "--set", "fit.progress=false", "--set", "eval.tsne_samples=0"]
+    assert main(["fit", write_config("fit.yaml", "train.csv", "test.csv"), "--max-steps", "3",
+                 "--output-dir", str(out), *fast]) == 0
+    vocabulary = json.loads((out / "model" / "config.json").read_text())["vocabulary"]
+    assert vocabulary == {"site": ["A", "B", "C"]}  # class id k is the k-th label: A=0, B=1, C=2
+    assert DebiasedEncoder.from_pretrained(out / "model").vocabulary == vocabulary
+    (run,) = loaded
+    assert run.vocabulary == vocabulary and run.train.dataset.attrs[:, 0].tolist() == [0.0, 1.0, 2.0] * 4
+    assert run.test.dataset.attrs[:, 0].tolist() == [2.0, 1.0, 2.0, 1.0]  # the run evaluated on C=2, B=1
+    attributes = run.attributes
+    again = ImageCSVDataset(tmp_path, tmp_path / "test.csv", attributes, label_column="label", vocabulary=vocabulary)
+    assert again.attrs[:, 0].tolist() == [2.0, 1.0, 2.0, 1.0]
+    alone = ImageCSVDataset(tmp_path, tmp_path / "test.csv", attributes, label_column="label")
+    assert alone.attrs[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]  # control: without the vocabulary the ids shift
+
+    # eval reads both splits with the saved vocabulary, even when its config's training CSV lacks A.
+    assert main(["eval", str(out / "model"), write_config("eval.yaml", "test.csv", "test.csv"),
+                 "--output-dir", str(tmp_path / "eval"), *fast]) == 0
+    assert [d.attrs[:, 0].tolist() for d in (loaded[-1].train.dataset, loaded[-1].test.dataset)] == [
+        [2.0, 1.0, 2.0, 1.0]] * 2
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+    capsys.readouterr()
+    assert main(["eval", str(out / "model"), write_config("unseen.yaml", "train.csv", "unseen.csv"),
+                 "--output-dir", str(tmp_path / "unseen-out"), *fast]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dmm-wrap: error: CSV {str(tmp_path / 'unseen.csv')!r}: ") and err.count("\n") == 1
+    assert ("column 'site', data row 2 has the label 'D', which the training data did not have (its labels: "
+            "['A', 'B', 'C'])") in err
+    assert not (tmp_path / "unseen-out").exists()
+
+
 # --------------------------------------------------------------------------- audit and sweep
 FAST_EVAL = ["--set", "fit.stats_batches=2", "--set", "fit.progress=false", "--set", "eval.tsne_samples=0"]
 
 
-def test_audit_command_writes_into_the_model_folder_and_its_card(smoke_run: tuple[Path, float], tmp_path: Path,
+def test_audit_command_writes_into_the_model_folder_and_its_card(smoke_run: tuple[Path, torch.Tensor], tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     import shutil
 
@@ -205,7 +392,7 @@ def test_audit_command_writes_into_the_model_folder_and_its_card(smoke_run: tupl
     assert not (out / "model" / "audit.json").exists()  # --output-dir leaves the model folder alone
 
 
-def test_audit_bad_input_exits_2(smoke_run: tuple[Path, float], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_audit_bad_input_exits_2(smoke_run: tuple[Path, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, _ = smoke_run
     assert main(["audit", str(tmp_path / "no_model"), DEFAULT]) == 2
     err = capsys.readouterr().err
@@ -215,10 +402,8 @@ def test_audit_bad_input_exits_2(smoke_run: tuple[Path, float], tmp_path: Path, 
 
 
 def test_sweep_writes_one_run_per_value_and_the_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    start = time.perf_counter()
     assert main(["sweep", DEFAULT, "fit.lam=0.2,0.8", "--max-steps", "2", "--output-dir", str(tmp_path), *FAST_EVAL,
                  "--set", "eval.max_samples=96"]) == 0
-    assert time.perf_counter() - start < 60  # about 6 s on 2 idle cores; the bound of the smoke run above
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["key"] == "fit.lam" and data["values"] == [0.2, 0.8] and data["complete"] is True
     assert [r["value"] for r in data["runs"]] == [0.2, 0.8] and [r["label"] for r in data["runs"]] == ["lam=0.2",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,47 @@ def test_image_csv_dataset_errors(image_folder: Path) -> None:
     empty = _write_csv(image_folder / "empty.csv", ["path", "site"], [])
     with pytest.raises(ValueError, match="no rows"):
         ImageCSVDataset(image_folder, empty, site)
+
+
+def test_eval_split_uses_the_training_vocabulary(image_folder: Path) -> None:
+    """Train {a, b, c} maps to 0/1/2; a test CSV holding only {b, c} must keep b=1, c=2 (not 0/1)."""
+    site = [Attribute("site", "categorical", 3)]
+    train = ImageCSVDataset(image_folder, image_folder / "data.csv", site, label_column="label")
+    assert train.vocabulary == {"site": ["a", "b", "c"], "label": ["cat", "dog"]}
+    test_csv = _write_csv(image_folder / "test.csv", ["path", "site", "label"],
+                          [["img/0.png", "c", "dog"], ["img/1.png", "b", "dog"], ["img/2.png", "c", "dog"]])
+    alone = ImageCSVDataset(image_folder, test_csv, site, label_column="label")
+    assert alone.attrs[:, 0].tolist() == [1.0, 0.0, 1.0]  # control: read on its own, the ids shift
+    test = ImageCSVDataset(image_folder, test_csv, site, label_column="label", vocabulary=train.vocabulary)
+    assert test.attrs[:, 0].tolist() == [2.0, 1.0, 2.0] and test.labels.tolist() == [1, 1, 1]
+    assert test.vocabulary == train.vocabulary and test.class_names == {"site": ["a", "b", "c"]}
+
+    unseen = _write_csv(image_folder / "unseen.csv", ["path", "site", "label"],
+                        [["img/0.png", "a", "cat"], ["img/1.png", "d", "cat"]])
+    with pytest.raises(ValueError, match=r"column 'site', data row 2 has the label 'd', which the training data "
+                                         r"did not have \(its labels: \['a', 'b', 'c'\]\)"):
+        ImageCSVDataset(image_folder, unseen, site, label_column="label", vocabulary=train.vocabulary)
+    with pytest.raises(ValueError, match=r"column 'label', data row 1 has the label 'bird'"):
+        ImageCSVDataset(image_folder, _write_csv(image_folder / "bird.csv", ["path", "site", "label"],
+                                                 [["img/0.png", "a", "bird"]]), site, label_column="label",
+                        vocabulary=train.vocabulary)
+    # A column the training data held as class ids stays ids: text there is a mismatch, not a new vocabulary.
+    with pytest.raises(ValueError, match=r"column 'site' held class ids in the training data, but data row 1 has "
+                                         r"the label 'c'"):
+        ImageCSVDataset(image_folder, test_csv, site, vocabulary={"label": ["cat", "dog"]})
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside.png", "img/../../outside.png", "img/..\\..\\x.png",
+                                  "C:\\data\\x.png"])
+def test_image_paths_must_stay_under_the_root(image_folder: Path, path: str) -> None:
+    outside = image_folder.parent / "outside.png"
+    _png(outside, 0)
+    bad = _write_csv(image_folder / "bad.csv", ["path", "site"], [["img/0.png", 0], [path, 1]])
+    with pytest.raises(ValueError, match=rf"data row 2: the image path {re.escape(repr(path))} .*relative path "
+                                         r"under the root"):
+        ImageCSVDataset(image_folder, bad, [Attribute("site", "categorical", 3)], check_files=False)
+    nested = _write_csv(image_folder / "ok.csv", ["path", "site"], [["img/0.png", 0], ["./img/1.png", 1]])
+    assert len(ImageCSVDataset(image_folder, nested, [Attribute("site", "categorical", 3)])) == 2  # control
 
 
 # --------------------------------------------------------------------------- Camelyon17

@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import loader_of, make_site_problem
 from dmm_wrap import Attribute, DebiasedEncoder, FitConfig, HeadConfig, create_backbone
+from dmm_wrap.config import ConfigError
 
 SITE = [Attribute("site", "categorical", 3)]
 
@@ -27,14 +28,14 @@ def _assert_unchanged(enc: DebiasedEncoder, before: dict[str, torch.Tensor]) -> 
 
 
 def test_unknown_layer_names_closest() -> None:
-    with pytest.raises(ValueError, match=r"'layer3'.*Closest names: \['layer3'|layer3\.0"):
+    with pytest.raises(ValueError, match=r"^Layer 'layer_3' is not a module of ResNet\. Closest names: \['layer3', "):
         DebiasedEncoder(create_backbone("torchvision:resnet18"), "layer_3", SITE)
 
 
 def test_attribute_declarations() -> None:
     with pytest.raises(ValueError, match="num_classes >= 2"):
         Attribute("site", "categorical")
-    with pytest.raises(ValueError, match="must be one of"):
+    with pytest.raises(ValueError, match=r"Attribute\.kind: expected one of 'categorical', 'continuous', got str"):
         Attribute("site", "ordinal")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes must be None"):
         Attribute("rot", "continuous", 3)
@@ -53,6 +54,45 @@ def test_unknown_options_name_the_key() -> None:
         FitConfig(lam=1.5)
     with pytest.raises(ValueError, match="logvar_min"):
         HeadConfig(logvar_min=3, logvar_max=1)
+
+
+def test_config_types_are_checked_naming_field_type_and_value() -> None:
+    with pytest.raises(ConfigError, match=r"^FitConfig\.lr: expected float, got str '1e-3'\.$"):
+        FitConfig(lr="1e-3")
+    with pytest.raises(ConfigError, match=r"^HeadConfig\.h_layers: expected int, got bool True\.$"):
+        HeadConfig(h_layers=True)
+    with pytest.raises(ConfigError, match=r"^FitConfig\.max_steps: expected int or None, got float 2\.0\.$"):
+        FitConfig(max_steps=2.0)
+    with pytest.raises(ConfigError, match=r"^FitConfig\.lam: expected float, got bool False\.$"):
+        FitConfig(lam=False)
+    with pytest.raises(ConfigError, match=r"^FitConfig\.amp_dtype: expected one of 'bfloat16', 'float16' or None, "
+                                          r"got str 'fp16'\.$"):
+        FitConfig(amp_dtype="fp16")
+    with pytest.raises(ConfigError, match=r"^Attribute\.num_classes: expected int or None, got float 3\.0\.$"):
+        Attribute("site", "categorical", 3.0)
+    with pytest.raises(ConfigError, match=r"^HeadConfig\.residual: expected bool, got int 1\.$"):
+        HeadConfig(residual=1)
+    with pytest.raises(ConfigError, match=r"^fit\.lr: expected float, got str '1e-3'"):  # fit(**options) says so too
+        _enc().fit([], lr="1e-3")
+    # Control: ints are numbers, None fills Optional fields, and the checked values still build.
+    assert FitConfig(lr=1, lam=0, max_steps=None, grad_clip=None).lr == 1
+    assert HeadConfig(logvar_min=-5, h_hidden=None).logvar_min == -5
+
+
+@pytest.mark.parametrize("cls, required", [(FitConfig, {}), (HeadConfig, {}),
+                                           (Attribute, {"name": "site", "kind": "categorical", "num_classes": 3})])
+def test_every_config_field_is_type_checked(cls, required: dict) -> None:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        with pytest.raises(ConfigError, match=rf"^{cls.__name__}\.{f.name}: expected .*, got bytes b'x'"):
+            cls(**{**required, f.name: b"x"})
+        if int in typing.get_args(hints[f.name]) + (hints[f.name],) or float in typing.get_args(hints[f.name]) + (
+                hints[f.name],):  # numbers: a bool is refused, though Python counts it as an int
+            with pytest.raises(ConfigError, match=rf"^{cls.__name__}\.{f.name}: expected .*, got bool True"):
+                cls(**{**required, f.name: True})
 
 
 @pytest.mark.parametrize("attrs,match", [

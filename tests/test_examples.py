@@ -24,13 +24,20 @@ def _readme_block(containing: str) -> str:
     return blocks[0]
 
 
+def _replaced(text: str, old: str, new: str) -> str:
+    """`text` with its one `old` replaced by `new`; fails when `old` is gone, so an edited README cannot silently run
+    the snippet unchanged (20 epochs instead of 1, say)."""
+    assert text.count(old) == 1, f"the README snippet holds {text.count(old)} times {old!r}, expected once"
+    return text.replace(old, new)
+
+
 def test_readme_quick_start_runs(tmp_path, monkeypatch) -> None:
     block = _python_blocks((ROOT / "README.md").read_text())[0]
     monkeypatch.chdir(tmp_path)
     images = torch.randn(8, 3, 32, 32)
     attrs = torch.stack([torch.randint(0, 3, (8,)).float(), torch.randn(8)], 1)
     namespace = {"loader": [(images, attrs)], "images": images}
-    exec(compile(block.replace("epochs=20", "epochs=1"), "README.md", "exec"), namespace)
+    exec(compile(_replaced(block, "epochs=20", "epochs=1"), "README.md", "exec"), namespace)
     assert namespace["z_tilde"].shape == (8, 128) and namespace["z"].shape == (8, 128)
     assert (tmp_path / "runs/resnet18-site/model.safetensors").is_file()
 
@@ -66,13 +73,14 @@ def test_readme_publishing_snippet_runs(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "file_exists", lambda self, repo_id, filename, **kwargs: False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     images = torch.randn(8, 3, 32, 32)
     attrs = torch.stack([torch.randint(0, 3, (8,)).float(), torch.randn(8)], 1)
     pil_images = [Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()) for _ in range(3)]
     namespace = {"loader": [(images, attrs)], "images": images, "pil_images": pil_images}
-    exec(compile(quick.replace("epochs=20", "epochs=1"), "README.md", "exec"), namespace)
+    exec(compile(_replaced(quick, "epochs=20", "epochs=1"), "README.md", "exec"), namespace)
     trained = namespace["encoder"]
     exec(compile(publish, "README.md", "exec"), namespace)
     assert uploads == ["my-org/resnet18-site-debiased"]

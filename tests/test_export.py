@@ -76,6 +76,7 @@ def test_timm_vit_block_exports(tmp_path) -> None:
 
 def test_onnx_export_matches_eager_with_dynamic_batch(tmp_path) -> None:
     onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort  # in the test extra: the parity check must run, not skip
     from onnx.reference import ReferenceEvaluator
 
     torch.manual_seed(0)
@@ -84,11 +85,41 @@ def test_onnx_export_matches_eager_with_dynamic_batch(tmp_path) -> None:
     path = enc.export_onnx(tmp_path / "enc.onnx", torch.randn(2, 3, 32, 32))
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
-    session = ReferenceEvaluator(model)
+    reference = ReferenceEvaluator(model)
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in runtime.get_inputs()] == ["inputs"] and runtime.get_outputs()[0].name == "z_tilde"
     for n in (1, 3):  # the batch size is symbolic
         x = torch.randn(n, 3, 32, 32)
-        (out,) = session.run(None, {"inputs": x.numpy()})
-        torch.testing.assert_close(torch.from_numpy(out), _eager(enc, x), rtol=0, atol=1e-5)
+        expected = _eager(enc, x)
+        (out,) = reference.run(None, {"inputs": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=0, atol=1e-5)
+        (out,) = runtime.run(None, {"inputs": x.numpy()})  # the runtime deployments use, not only the spec
+        assert out.shape == (n, enc.heads.out_dim)
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=0, atol=1e-5)
+
+
+def _vit() -> DebiasedEncoder:
+    torch.manual_seed(0)
+    return _with_trained_stats(DebiasedEncoder(timm.create_model("test_vit", pretrained=False), "blocks.0", SITE,
+                                               pool="cls", input_size=(3, 160, 160)))
+
+
+def _resnet64() -> DebiasedEncoder:
+    torch.manual_seed(0)
+    return _with_trained_stats(DebiasedEncoder(create_backbone("torchvision:resnet18"), "layer3", SITE,
+                                               input_size=(3, 64, 64)))
+
+
+@pytest.mark.parametrize("build,size", [(_resnet64, 64), (_vit, 160)], ids=["resnet18", "timm_vit"])
+def test_encoder_itself_exports_and_compiles_as_one_graph(build, size: int) -> None:
+    enc = build()
+    x, x_new = torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)
+    program = torch.export.export(enc, (x,))
+    torch.testing.assert_close(program.module()(x_new), _eager(enc, x_new), rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(_eager(compiled, x_new), _eager(enc, x_new), rtol=0, atol=1e-5)
+    assert not enc.heads.training and all(not m._forward_hooks for m in enc.backbone.modules())
 
 
 def test_untraceable_layer_gives_a_clear_error() -> None:
@@ -110,8 +141,8 @@ def test_torch_compile_matches_eager() -> None:
     x = torch.randn(5, 8)
     expected = _eager(enc, x)
     torch._dynamo.reset()
-    # The hooked model compiles with graph breaks at the hook; the hook-free module is one graph.
-    torch.testing.assert_close(_eager(torch.compile(enc), x), expected, rtol=0, atol=1e-5)
+    # Under compile the encoder takes its hook-free path, so it is one graph too.
+    torch.testing.assert_close(_eager(torch.compile(enc, fullgraph=True), x), expected, rtol=0, atol=1e-5)
     full = torch.compile(enc.inference_module(), fullgraph=True)
     torch.testing.assert_close(_eager(full, x), expected, rtol=0, atol=1e-5)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import io
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from torch import nn
 
 from conftest import loader_of
 from dmm_wrap import Attribute, DebiasedEncoder, create_backbone
-from dmm_wrap.backbones import BackboneSpec, tag_backbone
+from dmm_wrap.backbones import BackboneSpec, build_backbone, describe_backbone, tag_backbone
 from dmm_wrap.hub import push_folder_to_hub
 from dmm_wrap.inference import Preprocessing
 
@@ -174,7 +175,8 @@ def test_model_card_metadata_metrics_and_snippet_runs(trained, tmp_path) -> None
     assert torch.equal(namespace["z_tilde"], _output(enc, x[:5]))
 
     enc.save_pretrained(tmp_path / "m2", metrics={"site_probe_accuracy": torch.tensor(0.5)})
-    assert json.loads((tmp_path / "m2/metrics.json").read_text()) == {"site_probe_accuracy": 0.5}
+    sha = json.loads((tmp_path / "m2/config.json").read_text())["weights_sha256"]  # metrics.json records the weights
+    assert json.loads((tmp_path / "m2/metrics.json").read_text()) == {"site_probe_accuracy": 0.5, "weights_sha256": sha}
     assert "| site_probe_accuracy | 0.5 |" in (tmp_path / "m2/README.md").read_text()
 
 
@@ -245,6 +247,10 @@ class FakeApi:
     def create_branch(self, repo_id: str, **kwargs: Any) -> None:
         self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
+    def file_exists(self, repo_id: str, filename: str, **kwargs: Any) -> bool:
+        """A new repo: no README.md yet (not recorded: a read, not a change)."""
+        return False
+
     def upload_folder(self, **kwargs: Any) -> Any:
         self.calls.append(("upload_folder", kwargs))
         folder = Path(kwargs["folder_path"])
@@ -263,6 +269,7 @@ def test_push_to_hub_is_one_create_and_one_commit(trained, tmp_path, monkeypatch
     fake = FakeApi(tmp_path / "uploaded")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: fake.create_repo(repo_id, **kw))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: fake.upload_folder(**kw))
+    monkeypatch.setattr(HfApi, "file_exists", lambda self, repo_id, filename, **kw: fake.file_exists(repo_id, filename))
     commit = enc.push_to_hub("org/debiased-mlp", private=True, metrics={"acc": 0.9})
     assert fake.names() == ["create_repo", "upload_folder"]
     assert fake.calls[0][1]["exist_ok"] is True and fake.calls[0][1]["private"] is True
@@ -461,14 +468,30 @@ def test_cli_push_uploads_the_run_model_with_its_metrics(trained, tmp_path, monk
     fake = FakeApi(tmp_path / "uploaded")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: fake.create_repo(repo_id, **kw))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: fake.upload_folder(**kw))
-    assert main(["push", str(run), "org/run", "--private", "--token", "hf_cli_secret_123"]) == 0
+    monkeypatch.setattr(HfApi, "file_exists", lambda self, repo_id, filename, **kw: fake.file_exists(repo_id, filename))
+    # A token on the command line would show in `ps` and the shell history: refused, before anything is sent.
+    for argv in (["--token", "hf_cli_secret_123"], ["--token=hf_cli_secret_123"]):
+        assert main(["push", str(run), "org/run", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "HF_TOKEN" in err and "--token-stdin" in err and "hf_cli_secret_123" not in err
+    assert fake.calls == []
+    monkeypatch.setattr("sys.stdin", io.StringIO("hf_cli_secret_123\n"))
+    assert main(["push", str(run), "org/run", "--private", "--token-stdin"]) == 0
     assert fake.names() == ["create_repo", "upload_folder"] and fake.calls[0][1]["private"] is True
+    assert {call[1]["token"] for call in fake.calls} == {"hf_cli_secret_123"}  # read from stdin, handed to the Hub
     assert {p.name for p in (tmp_path / "uploaded").iterdir()} == MODEL_FILES | {"metrics.json"}
     assert "0.97" in (tmp_path / "uploaded/README.md").read_text()
     for p in [*(tmp_path / "uploaded").iterdir(), *(run / "model").iterdir()]:
         assert "hf_cli_secret_123" not in p.read_bytes().decode("latin-1")
     assert "hf_cli_secret_123" not in capsys.readouterr().out
     assert main(["push", str(tmp_path / "missing"), "org/run"]) == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["push", str(run), "org/run", "--token-stdin"]) == 2 and "empty" in capsys.readouterr().err
+    # Without --token-stdin the token is left to huggingface_hub (HF_TOKEN or the stored login): None is passed.
+    fake.calls.clear()
+    shutil.rmtree(tmp_path / "uploaded")
+    assert main(["push", str(run), "org/run"]) == 0
+    assert {call[1]["token"] for call in fake.calls} == {None}
 
 
 def test_push_folder_uploads_the_audit_of_these_weights_only(trained, tmp_path) -> None:
@@ -495,3 +518,145 @@ def test_push_folder_uploads_the_audit_of_these_weights_only(trained, tmp_path) 
     push_folder_to_hub(tmp_path / "m", "org/m", api=fake)
     assert {p.name for p in (tmp_path / "stale").iterdir()} == MODEL_FILES
     assert "## Leakage audit" not in (tmp_path / "stale/README.md").read_text()
+
+
+# --------------------------------------------------------------------------- rebuilding the backbone from its spec
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("build,expected", [
+    (lambda tv: tv.resnet18(num_classes=2), ("resnet18", {"num_classes": 2})),
+    (lambda tv: tv.efficientnet_b0(num_classes=5), ("efficientnet_b0", {"num_classes": 5})),
+    (lambda tv: tv.regnet_y_400mf(), ("regnet_y_400mf", {})),
+    (lambda tv: tv.squeezenet1_1(num_classes=3), ("squeezenet1_1", {"num_classes": 3})),
+    (lambda tv: tv.googlenet(aux_logits=False, transform_input=True, init_weights=False),
+     ("googlenet", {"aux_logits": False, "transform_input": True})),
+])
+def test_torchvision_spec_names_the_builder_and_its_shape_arguments(build, expected) -> None:
+    import torchvision
+
+    backbone = build(torchvision.models)
+    spec = describe_backbone(backbone)
+    assert (spec.source, spec.name, spec.kwargs) == ("torchvision", *expected)
+    rebuilt = build_backbone(spec)
+    assert type(rebuilt) is type(backbone) and _shapes(rebuilt) == _shapes(backbone)
+    assert getattr(rebuilt, "transform_input", None) == getattr(backbone, "transform_input", None)
+
+
+def test_torchvision_vit_records_its_image_size() -> None:
+    import torchvision
+
+    with torch.device("meta"):  # ViT-B/16 has 86M parameters: describe it without allocating them
+        vit = torchvision.models.vit_b_16(image_size=64, num_classes=10)
+    spec = describe_backbone(vit)
+    assert (spec.source, spec.name, spec.kwargs) == ("torchvision", "vit_b_16", {"image_size": 64, "num_classes": 10})
+    with torch.device("meta"):
+        assert _shapes(torchvision.models.get_model(spec.name, **spec.kwargs)) == _shapes(vit)
+
+
+@pytest.mark.parametrize("kwargs,recorded", [
+    ({"num_classes": 7}, {"num_classes": 7}),
+    ({"num_classes": 0, "global_pool": "max"}, {"num_classes": 0, "global_pool": "max"}),
+    ({"in_chans": 1, "num_classes": 7}, {"in_chans": 1, "num_classes": 7}),
+    ({}, {}),
+])
+def test_timm_spec_records_the_shape_arguments(kwargs, recorded) -> None:
+    import timm
+
+    backbone = timm.create_model("test_resnet", pretrained=False, **kwargs)
+    spec = describe_backbone(backbone)
+    assert (spec.source, spec.name, spec.kwargs) == ("timm", "test_resnet", recorded)
+    rebuilt = build_backbone(spec)
+    assert _shapes(rebuilt) == _shapes(backbone) and rebuilt.global_pool.pool_type == backbone.global_pool.pool_type
+
+
+def test_timm_vit_records_img_size_and_pooling(tmp_path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=7, img_size=32, global_pool="avg")
+    enc = DebiasedEncoder(vit, "fc_norm", SITE, input_size=(3, 32, 32))
+    assert enc.backbone_spec == BackboneSpec("timm", "test_vit", None,
+                                             {"num_classes": 7, "img_size": [32, 32], "global_pool": "avg"})
+    enc.save_pretrained(tmp_path / "m")
+    loaded = DebiasedEncoder.from_pretrained(tmp_path / "m")
+    x = torch.randn(4, 3, 32, 32)
+    assert loaded.backbone.global_pool == "avg" and torch.equal(_output(loaded, x), _output(enc, x))
+
+
+def test_a_backbone_no_rebuild_reproduces_is_custom_and_loading_says_so(tmp_path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    resnet.fc = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 2))  # a head no builder makes
+    enc = DebiasedEncoder(resnet, "layer2", SITE, input_size=(3, 32, 32))
+    assert enc.backbone_spec == BackboneSpec("custom", "ResNet", None, {})
+    enc.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"custom backbone \(ResNet\).*from_pretrained\(\.\.\., backbone=module\)"):
+        DebiasedEncoder.from_pretrained(tmp_path / "m")
+    loaded = DebiasedEncoder.from_pretrained(tmp_path / "m", backbone=copy.deepcopy(resnet))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_output(loaded, x), _output(enc, x))
+
+
+def test_create_backbone_records_the_shape_arguments_only() -> None:
+    backbone = create_backbone("timm:test_vit", num_classes=3, img_size=32, drop_path_rate=0.1, depth=2)
+    spec = describe_backbone(backbone)
+    assert spec == BackboneSpec("timm", "test_vit", None, {"num_classes": 3, "img_size": 32, "depth": 2})
+    assert _shapes(build_backbone(spec)) == _shapes(backbone)
+
+
+# --------------------------------------------------------------------------- a crafted config.json
+@pytest.fixture(scope="module")
+def timm_save(tmp_path_factory) -> Path:
+    import timm
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("timm") / "m"
+    DebiasedEncoder(timm.create_model("test_resnet", pretrained=False, num_classes=7), "layer2", SITE,
+                    input_size=(3, 32, 32)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("backbone,match", [
+    ({"kwargs": {"checkpoint_path": "PICKLE"}}, r"backbone kwargs 'checkpoint_path' is refused; only the shape "
+                                                r"arguments \['class_token', .*'num_classes'"),
+    ({"kwargs": {"pretrained": True}}, r"backbone kwargs 'pretrained' is refused"),
+    ({"kwargs": {"pretrained_cfg_overlay": {"file": "PICKLE"}}},
+     r"backbone kwargs 'pretrained_cfg_overlay' is refused"),
+    ({"kwargs": {"img_size": {"file": "PICKLE"}}}, r"backbone kwargs 'img_size' must be a number, string, bool"),
+    ({"name": "hf-hub:org/evil"}, r"backbone name must be a plain timm name.*'hf-hub:org/evil'"),
+    ({"source": "torchvision", "name": "resnet18", "kwargs": {"weights": "DEFAULT"}},
+     r"backbone kwargs 'weights' is refused; only the shape arguments \['aux_logits', 'image_size'"),
+])
+@pytest.mark.parametrize("weights", ["full", "heads_only"])
+def test_crafted_backbone_kwargs_are_refused_before_any_build(timm_save, tmp_path, monkeypatch, backbone, match,
+                                                              weights) -> None:
+    import timm
+    import torchvision
+
+    folder = tmp_path / "crafted"
+    shutil.copytree(timm_save, folder)
+    pickle_path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, pickle_path)  # what a Hub config would point timm at
+    config = json.loads((folder / "config.json").read_text())
+    config["backbone"] = json.loads(json.dumps({**config["backbone"], "pretrained_tag": "a1_in1k", **backbone})
+                                    .replace("PICKLE", str(pickle_path)))
+    config["weights"] = weights
+    (folder / "config.json").write_text(json.dumps(config))
+    builds: list[Any] = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: builds.append((a, k)))
+    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: builds.append((a, k)))
+    with pytest.raises(ValueError, match=match):
+        DebiasedEncoder.from_pretrained(folder)
+    assert builds == []  # refused before timm / torchvision saw the arguments
+
+
+def test_shape_arguments_in_a_config_still_rebuild(timm_save) -> None:
+    config = json.loads((timm_save / "config.json").read_text())
+    assert config["backbone"] == {"source": "timm", "name": "test_resnet", "pretrained_tag": None,
+                                  "kwargs": {"num_classes": 7}}
+    loaded = DebiasedEncoder.from_pretrained(timm_save)
+    assert loaded.backbone.num_classes == 7

@@ -1,5 +1,6 @@
 """One backbone pass per batch: the statistics pre-pass reads the start of epoch 0 once, and training takes those
-features instead of running the backbone on them again; one-pass iterators are refused before any work."""
+features instead of running the backbone on them again; a one-pass iterator trains one epoch on every batch, and is
+refused before any work when fit would read it twice."""
 
 from __future__ import annotations
 
@@ -93,15 +94,36 @@ def test_training_takes_every_batch_once_in_order() -> None:
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("make", [lambda batches: (b for b in batches), lambda batches: iter(batches)],
-                         ids=["generator", "list-iterator"])
-def test_one_pass_iterators_are_refused_before_any_work(make) -> None:
+ONE_PASS = [lambda batches: (b for b in batches), lambda batches: iter(batches)]
+
+
+@pytest.mark.parametrize("make", ONE_PASS, ids=["generator", "list-iterator"])
+@pytest.mark.parametrize("stats_batches", [32, 2, None], ids=["stats-beyond-the-pass", "stats-within-it", "stats-all"])
+@pytest.mark.parametrize("lazy", [True, False], ids=["heads-sized-on-the-first-batch", "input_size"])
+def test_one_pass_iterator_trains_on_every_batch_once(make, stats_batches: int | None, lazy: bool) -> None:
+    backbone = CountingBackbone()
+    enc = _encoder(backbone, lazy, standardize=stats_batches is not None)  # None: whole-pass statistics need 2 passes
+    x, _, s = make_site_problem(16 * 10, seed=0)
+    batches = [(x[i:i + 16], s[i:i + 16].float()[:, None]) for i in range(0, len(x), 16)]
+    history = enc.fit(make(batches), epochs=1, stats_batches=stats_batches, progress=False)
+    assert history.steps_done == 10 and history.step == list(range(10))  # every batch a step, none lost
+    assert backbone.calls == 10  # each batch through the backbone once: nothing read twice, nothing skipped
+
+
+@pytest.mark.parametrize("make", ONE_PASS, ids=["generator", "list-iterator"])
+@pytest.mark.parametrize("options, reason", [
+    (dict(epochs=2), "epochs=2"),
+    (dict(epochs=1, stats_batches=None), "stats_batches=None"),
+    (dict(epochs=1, resume=True, checkpoint_dir="unused"), "resume=True"),
+])
+def test_one_pass_iterators_that_would_be_read_twice_are_refused_before_any_work(make, options, reason) -> None:
     backbone = CountingBackbone()
     enc = _encoder(backbone, lazy=True)
     batches = list(_loader())
     one_pass = make(batches)
-    with pytest.raises(TypeError, match=r"one-pass iterator .* Pass a re-iterable loader"):
-        enc.fit(one_pass, epochs=2, progress=False)
+    with pytest.raises(TypeError, match=rf"one-pass iterator .*{reason}.* Pass a re-iterable loader \(e\.g\. a "
+                                        r"DataLoader or a list"):
+        enc.fit(one_pass, progress=False, **options)
     assert backbone.calls == 0 and enc.heads is None
     assert next(one_pass) is batches[0]  # nothing was drawn from it
     # Control: the same batches in a list train on every one, each epoch.

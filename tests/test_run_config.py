@@ -49,7 +49,7 @@ def test_unknown_keys_name_the_path(values: dict, message: str) -> None:
     ({"fit": {"lr": "fast"}}, "fit.lr: expected float, got str 'fast'"),
     ({"fit": {"max_steps": 2.5}}, "fit.max_steps: expected int or None, got float 2.5"),
     ({"fit": {"amp_dtype": "bf16"}}, "fit.amp_dtype: expected one of 'bfloat16', 'float16' or None"),
-    ({"model": {"pool": "mean"}}, "model.pool: expected one of ['avg', 'max', 'cls', 'flatten'], got 'mean'"),
+    ({"model": {"pool": "mean"}}, "model.pool: expected one of 'avg', 'max', 'cls', 'flatten', got str 'mean'"),
     ({"model": {"standardize": "yes"}}, "model.standardize: expected bool, got str 'yes'"),
     ({"eval": {"mlp_hidden": [64, "x"]}}, "eval.mlp_hidden[1]: expected int, got str 'x'"),
     ({"eval": {"mlp_hidden": 64}}, "eval.mlp_hidden: expected a list, got int 64"),
@@ -59,6 +59,34 @@ def test_unknown_keys_name_the_path(values: dict, message: str) -> None:
 ])
 def test_type_errors_name_the_path(values: dict, message: str) -> None:
     assert message in error_of(values)
+
+
+@pytest.mark.parametrize("section, cls, key, value", [
+    ("fit", "FitConfig", "max_steps", 2.5), ("fit", "FitConfig", "epochs", True), ("fit", "FitConfig", "lr", "fast"),
+    ("fit", "FitConfig", "amp_dtype", "bf16"), ("model", "HeadConfig", "h_layers", True),
+    ("model", "HeadConfig", "standardize", "yes"), ("fit", "FitConfig", "device", 3),
+])
+def test_yaml_and_dataclass_type_checks_agree(section: str, cls: str, key: str, value) -> None:
+    """The YAML path and the dataclasses' own __post_init__ give the same message, under the key the user wrote."""
+    from dmm_wrap import config
+
+    with pytest.raises(ConfigError) as direct:
+        getattr(config, cls)(**{key: value})
+    assert str(direct.value).startswith(f"{cls}.{key}: expected ")
+    assert error_of({section: {key: value}}) == str(direct.value).replace(f"{cls}.", f"{section}.")
+
+
+def test_run_sections_check_their_own_types() -> None:
+    from dmm_wrap.run_config import DataConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^DataConfig\.batch_size: expected int, got str '8'\.$"):
+        DataConfig(batch_size="8")
+    with pytest.raises(ConfigError, match=r"^DataConfig\.num_workers: expected int, got bool True\.$"):
+        DataConfig(num_workers=True)
+    with pytest.raises(ConfigError, match=r"^ModelConfig\.head: expected HeadConfig, got dict"):
+        ModelConfig(head={"h_layers": 2})
+    with pytest.raises(ConfigError, match=r"^RunConfig\.num_threads: expected int or None, got float 2\.0\.$"):
+        RunConfig(num_threads=2.0)
 
 
 @pytest.mark.parametrize("values, key", [
@@ -102,7 +130,7 @@ def test_parse_override_reads_yaml_values() -> None:
 
 def test_overrides_map_to_config_keys(tmp_path: Path) -> None:
     assert OPTION_KEYS == {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device",
-                           "resume": "fit.resume"}
+                           "resume": "fit.resume", "overwrite": "fit.overwrite_checkpoints"}
     path = tmp_path / "run.yaml"
     path.write_text("fit:\n  epochs: 3\n  lr: 0.01\nmodel:\n  h_layers: 2\n")
     cfg = load_run_config(path, [("output_dir", "out"), ("fit.max_steps", 5), ("fit.device", "cpu"),
