@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
-from .serialization import create_temp_file, move_into_place
+from .serialization import write_bytes_atomically
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
@@ -239,20 +239,10 @@ class Checkpointer:
         blob = save(tensors, metadata={"format": "pt", "dmm_wrap_checkpoint": state_json,
                                        "sha256": _digest(tensors, state_json)})
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(".checkpoint-*.tmp"):  # left by a save that was killed
+        for stale in self.directory.glob(".checkpoint-*.tmp"):  # left by a killed save of an older version
             stale.unlink(missing_ok=True)
         final = self.directory / f"checkpoint-{position.step:09d}.safetensors"
-        # Created with the usual mode (other readers of a shared folder need access), named as the cleanup expects.
-        fd, tmp = create_temp_file(self.directory, ".checkpoint-", ".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            move_into_place(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_bytes_atomically(final, blob)  # cleans up what killed saves left, keeps the usual file mode
         _fsync_dir(self.directory)
         for old in self._earlier:
             if old != final:
