@@ -187,7 +187,7 @@ def measure_times(setup: Setup) -> dict[str, list[float]]:
 def head_step_breakdown(setup: Setup, layer: str, rounds: int = 5) -> dict[str, float]:
     """Milliseconds per batch of each part of a training step at `layer`, on one fixed batch (medians).
 
-    Mirrors the body of `dmm_wrap.trainer.train` (FitConfig defaults: 3 estimator steps, one h_theta step, loss
+    Mirrors `dmm_wrap.train.loop.Trainer.step` (FitConfig defaults: 3 estimator steps, one h_theta step, loss
     recording every step) so the fit overhead can be attributed; it is not used by the ratios.
     """
     cfg = FitConfig()

@@ -166,8 +166,8 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
     """The default job: the shipped digits encoder on generated digits (site, rotation, stroke width). The detail is
     the writer: the first principal components of the source 8x8 digit minus its class mean."""
     from dmm_wrap import load_digits_encoder
-    from dmm_wrap.data import SyntheticDigits
-    from dmm_wrap.pretrained import DIGITS_ENCODER_LAYER
+    from dmm_wrap.apps.digits import SyntheticDigits
+    from dmm_wrap.apps.pretrained import DIGITS_ENCODER_LAYER
 
     n = n or {"train": 4096, "val": 2048, "test": 2048}
     backbone = load_digits_encoder()
@@ -188,7 +188,7 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
 
 def _writer_detail(ds: object) -> Tensor:
     """Each sample's writer: the first 4 principal components of its source 8x8 digit minus its class mean."""
-    from dmm_wrap.data import _sample_seed, _source_digits
+    from dmm_wrap.apps.digits import sample_seed as _sample_seed, source_digits as _source_digits
 
     images, labels = _source_digits()
     flat = images.flatten(1)

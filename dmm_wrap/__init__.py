@@ -1,19 +1,20 @@
 """dmm_wrap: DeepMinMax debiasing of frozen vision backbones (Han, Wang, Long, Peng, AAAI-22)."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
-from . import distributed  # noqa: E402
+from .train import distributed  # noqa: E402
 from .backbones import BackboneSpec, create_backbone  # noqa: E402
-from .checkpoint import TrainingInterrupted  # noqa: E402
+from .train.checkpoint import TrainingInterrupted  # noqa: E402
 from .config import Attribute, ConfigError, FitConfig, HeadConfig  # noqa: E402
-from .data import SYNTHETIC_ATTRIBUTES, ImageCSVDataset, SyntheticDigits, camelyon17  # noqa: E402
-from .hub import push_folder_to_hub  # noqa: E402
+from .apps.digits import SYNTHETIC_ATTRIBUTES, SyntheticDigits  # noqa: E402
+from .data import ImageCSVDataset, camelyon17  # noqa: E402
+from .io.hub import push_folder_to_hub  # noqa: E402
 from .inference import Preprocessing  # noqa: E402
 from .model import DebiasedEncoder  # noqa: E402
-from .pretrained import load_digits_encoder  # noqa: E402
-from .trainer import FitHistory  # noqa: E402
+from .apps.pretrained import load_digits_encoder  # noqa: E402
+from .train.loop import FitHistory  # noqa: E402
 
-_LAZY = {"audit": "leakage", "AuditConfig": "leakage", "AuditReport": "leakage"}
+_LAZY = {"audit": "apps.leakage", "AuditConfig": "apps.leakage", "AuditReport": "apps.leakage"}
 """Public names imported on first use: the audit needs scikit-learn, which `import dmm_wrap` does not load."""
 
 

@@ -1,6 +1,6 @@
 """`python -m dmm_wrap ...` runs the `dmm-wrap` command line."""
 
-from .cli import main
+from .apps.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,10 +1,11 @@
-"""Frozen backbones: build timm / torchvision models by name and describe any module so it can be rebuilt."""
+"""Frozen backbones: build timm / torchvision models by name, describe any module so it can be rebuilt, and rebuild the
+pinned pretrained backbone of a heads-only save (from the registry of shipped weights, or by download)."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -33,10 +34,12 @@ class BackboneSpec:
     """Extra constructor arguments (e.g. img_size for a timm ViT)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-ready dict (config.json's "backbone")."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BackboneSpec:
+        """Read a spec written by `to_dict`."""
         return cls(source=d["source"], name=d.get("name"), pretrained_tag=d.get("pretrained_tag"),
                    kwargs=dict(d.get("kwargs") or {}))
 
@@ -347,6 +350,77 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
     return create_backbone(f"{spec.source}:{spec.name}", pretrained=False, **spec.kwargs)
 
 
+@dataclass(frozen=True)
+class PretrainedBackbone:
+    """A backbone whose weights ship with a package, registered under its pretrained tag by `register_pretrained`."""
+
+    build: Callable[[], nn.Module]
+    """Builds the frozen backbone with its weights, without a download."""
+
+    preprocessing: Mapping[str, Any] | None = None
+    """The fields of its `Preprocessing` (input_size, mean, std, ...); None when it records none (tensor inputs)."""
+
+
+_PRETRAINED: dict[str, PretrainedBackbone] = {}
+
+
+def register_pretrained(tag: str, build: Callable[[], nn.Module],
+                        preprocessing: Mapping[str, Any] | None = None) -> None:
+    """Register a backbone with shipped weights under its `BackboneSpec.pretrained_tag`.
+
+    A heads-only save whose backbone carries `tag` is then loaded with `build()` (no download), and the model's
+    default preprocessing is `preprocessing`. Registering a tag again replaces the entry.
+
+    Example:
+        >>> register_pretrained("dmm_wrap-digits", load_digits_encoder)
+    """
+    _PRETRAINED[tag] = PretrainedBackbone(build, dict(preprocessing) if preprocessing is not None else None)
+
+
+def registered_pretrained(tag: str | None) -> PretrainedBackbone | None:
+    """The backbone registered under `tag` by `register_pretrained`, or None."""
+    return _PRETRAINED.get(tag) if tag is not None else None
+
+
+def pretrained_backbone(spec: BackboneSpec) -> nn.Module:
+    """Rebuild the pinned backbone of a heads-only save with its pretrained weights: a registered one as shipped,
+    else a timm / torchvision download."""
+    if spec.source == "custom":
+        raise ValueError(
+            f"This save holds only the heads, and its backbone is a custom {spec.name} module: rebuild it with the "
+            "weights it was trained with and pass it as from_pretrained(..., backbone=module)."
+        )
+    registered = registered_pretrained(spec.pretrained_tag)
+    if registered is not None:
+        return registered.build()  # shipped, nothing to download
+    if not spec.pretrained_tag:
+        raise ValueError(
+            f"This save holds only the heads, but its {spec.source}:{spec.name} backbone has no pretrained tag to "
+            "rebuild it from; pass the backbone it was trained with as from_pretrained(..., backbone=module)."
+        )
+    try:
+        return create_backbone(f"{spec.source}:{spec.name}", pretrained=spec.pretrained_tag, **spec.kwargs)
+    except Exception as err:  # noqa: BLE001 - download errors come from timm, torch.hub, urllib, huggingface_hub
+        raise OSError(
+            f"This save holds only the heads; rebuilding its backbone {spec.source}:{spec.name} with the pretrained "
+            f"weights {spec.pretrained_tag!r} needs network access (or those weights in the timm / torch cache) and "
+            f"failed ({type(err).__name__}: {err}). Pass the backbone yourself: from_pretrained(..., "
+            f"backbone=create_backbone('{spec.source}:{spec.name}', pretrained='{spec.pretrained_tag}'))."
+        ) from err
+
+
+def check_pinned(spec: BackboneSpec) -> None:
+    """Raise a ValueError unless a heads-only save can rebuild the backbone with the same weights: a custom module
+    (passed back when loading) or a timm / torchvision backbone with a pretrained tag."""
+    if spec.source != "custom" and not spec.pretrained_tag:
+        raise ValueError(
+            f"heads_only=True needs a backbone that can be rebuilt with the same weights, but this "
+            f"{spec.source}:{spec.name} backbone has no pretrained tag (random init, or weights loaded by hand): "
+            "its weights exist only in this model. Save the full weights (heads_only=False), or build the "
+            f"backbone with create_backbone('{spec.source}:{spec.name}', pretrained=TAG)."
+        )
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Turn off gradients and put the module in eval mode."""
     module.requires_grad_(False)
@@ -355,4 +429,5 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 __all__ = ["BackboneSpec", "create_backbone", "describe_backbone", "build_backbone", "freeze", "tag_backbone",
-           "check_rebuild_spec", "REBUILD_KWARGS"]
+           "check_rebuild_spec", "REBUILD_KWARGS", "PretrainedBackbone", "register_pretrained", "registered_pretrained",
+           "pretrained_backbone", "check_pinned"]

@@ -1,102 +1,21 @@
-"""Typed configuration: what is saved with the weights, and what only drives a training run."""
+"""Typed configuration: what is saved with the weights (Attribute, HeadConfig), and what only drives a training run
+(FitConfig) or its evaluation (EvalConfig). Their checks, and `validate`, come from `dmm_wrap.validation`."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import os
-import types
-import typing
-import warnings
-from dataclasses import dataclass, fields
-from typing import Any, Literal, Union, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from .validation import (ConfigError, MissingFileError, check_choice, check_fields, check_value, got, known_keys,
+                         matches, type_name, validate)
 
 AttributeKind = Literal["categorical", "continuous"]
 Pooling = Literal["avg", "max", "cls", "flatten"]
 NllReduction = Literal["mean", "sum"]
 AmpDtype = Literal["bfloat16", "float16"]
 AlignMaps = Literal["full", "diagonal", "shift"]
-
-
-class ConfigError(ValueError):
-    """Invalid user input: a configuration value, or a file or data set that one names. The message starts with what
-    is wrong (the key path for a config value); the CLI prints it on one line and exits with status 2."""
-
-
-class MissingFileError(ConfigError, FileNotFoundError):
-    """A file or folder that the user named (a config file, a model folder) does not exist."""
-
-
-def _check_choice(owner: str, key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{owner}.{key} must be one of {list(choices)}, got {value!r}.")
-
-
-def type_name(tp: Any) -> str:
-    """How an annotation reads in an error message: "int", "float or None", "one of 'avg', 'max'", ..."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return "a list"
-    if dataclasses.is_dataclass(tp) and origin is None and isinstance(tp, type):
-        return tp.__name__
-    return getattr(tp, "__name__", str(tp))
-
-
-def got(value: Any) -> str:
-    """A value as an error message shows it: its type and repr."""
-    return f"{type(value).__name__} {value!r}"
-
-
-def matches(value: Any, tp: Any) -> bool:
-    """Whether `value` is of the annotated type `tp`: an int or a float for float (never a bool: Python counts it as
-    an int), an int for int, None for Optional, a member for Literal, a list or tuple of such items for sequences."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if tp is type(None) or tp is None:
-        return value is None
-    if origin in (Union, types.UnionType):
-        return any(matches(value, arg) for arg in typing.get_args(tp))
-    if origin is Literal:
-        return any(value == c and type(value) is type(c) for c in typing.get_args(tp))
-    if origin in (list, tuple):
-        item = next((a for a in typing.get_args(tp) if a is not Ellipsis), Any)
-        return isinstance(value, (list, tuple)) and all(matches(v, item) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    raise TypeError(f"Internal: no type check for the annotation {tp!r}.")
-
-
-def check_value(path: str, value: Any, tp: Any) -> None:
-    """Raise ConfigError "PATH: expected TYPE, got TYPE VALUE." unless `value` is of the annotated type `tp`."""
-    if not matches(value, tp):
-        raise ConfigError(f"{path}: expected {type_name(tp)}, got {got(value)}.")
-
-
-def check_fields(obj: Any) -> None:
-    """Check every field of the dataclass instance `obj` against its annotation (`check_value`); errors name the
-    field as "Class.field", e.g. "FitConfig.lr: expected float, got str '1e-3'."."""
-    cls = type(obj)
-    hints = _annotations(cls)
-    for f in dataclasses.fields(obj):
-        if f.init:
-            check_value(f"{cls.__name__}.{f.name}", getattr(obj, f.name), hints[f.name])
-
-
-@functools.cache
-def _annotations(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 @dataclass(frozen=True)
@@ -121,7 +40,7 @@ class Attribute:
         check_fields(self)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Attribute.name must be a non-empty string, got {self.name!r}.")
-        _check_choice("Attribute", "kind", self.kind, get_args(AttributeKind))
+        check_choice("Attribute", "kind", self.kind, get_args(AttributeKind))
         if self.kind == "categorical":
             if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 2:
                 raise ValueError(
@@ -139,11 +58,13 @@ class Attribute:
         return self.num_classes if self.kind == "categorical" else 1
 
     def to_dict(self) -> dict[str, Any]:
+        """The declaration as a plain mapping, as config.json stores it."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attribute:
-        return cls(**_known_keys(cls, d, "attribute"))
+        """Read back `to_dict()`; unknown keys are dropped with a warning."""
+        return cls(**known_keys(cls, d, "attribute"))
 
 
 @dataclass
@@ -239,10 +160,10 @@ class FitConfig:
 
     match_weight: float = 0.0
     """Weight of the experimental group-matching term: the sliced Wasserstein distance between each attribute
-    group's Z~ (a class, or a quantile bin of a continuous attribute) and the whole batch's Z~ (`dmm_wrap.matching`).
-    It has no network that h_theta could fool, and it is zero only when every group's Z~ is distributed alike. 0
-    (default) is the paper's objective: on the leakage suite the term did not lower a fresh probe's leakage enough
-    to be the default (README, "What is known not to work yet")."""
+    group's Z~ (a class, or a quantile bin of a continuous attribute) and the whole batch's Z~
+    (`dmm_wrap.core.matching`). It has no network that h_theta could fool, and it is zero only when every group's Z~
+    is distributed alike. 0 (default) is the paper's objective: on the leakage suite the term did not lower a fresh
+    probe's leakage enough to be the default (README, "What is known not to work yet")."""
 
     match_projections: int | None = None
     """Random unit directions per step of the matching term (fresh every step); None = 4 per dimension of Z~, at
@@ -253,7 +174,7 @@ class FitConfig:
 
     align_weight: float = 0.0
     """Weight of the piecewise-alignment term: the mean squared distance of Z~ to a target that moves each
-    attribute group's features onto the pooled ones piece by piece (`dmm_wrap.alignment`, fitted on the statistics
+    attribute group's features onto the pooled ones piece by piece (`dmm_wrap.core.alignment`, fitted on the statistics
     pre-pass's features; it needs B, h_theta learns to do without). It fixes which content of one group corresponds
     to which of another by least movement, which no dependence penalty can. 0 turns it off (the paper's objective)."""
 
@@ -270,7 +191,7 @@ class FitConfig:
 
     align_every: int = 400
     """Steps between rounds of the alignment target: each round copies h_theta and aligns its output again, so what
-    the distillation left of the attribute is removed in the next round (`dmm_wrap.alignment.AlignmentTarget`)."""
+    the distillation left of the attribute is removed in the next round (`dmm_wrap.core.alignment.AlignmentTarget`)."""
 
     align_samples: int = 8192
     """At most this many pre-pass samples (over all processes) fit the alignment; they come from the statistics
@@ -351,8 +272,6 @@ class FitConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"FitConfig.{key} must be None or an int >= 1, got {v!r}.")
-        if isinstance(self.checkpoint_dir, os.PathLike):
-            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
             raise ValueError(f"FitConfig.checkpoint_dir must be None or a folder path, got {self.checkpoint_dir!r}.")
         if not isinstance(self.resume, bool):
@@ -365,12 +284,13 @@ class FitConfig:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"FitConfig.lam must lie in [0, 1], got {self.lam!r}.")
         if not self.lr > 0 or (self.estimator_lr is not None and not self.estimator_lr > 0):
-            raise ValueError(f"FitConfig learning rates must be > 0, got lr={self.lr}, estimator_lr={self.estimator_lr}.")
+            raise ValueError(f"FitConfig learning rates must be > 0, got lr={self.lr}, "
+                             f"estimator_lr={self.estimator_lr}.")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"FitConfig.grad_clip must be None or > 0, got {self.grad_clip!r}.")
-        _check_choice("FitConfig", "nll_reduction", self.nll_reduction, get_args(NllReduction))
+        check_choice("FitConfig", "nll_reduction", self.nll_reduction, get_args(NllReduction))
         if self.amp_dtype is not None:
-            _check_choice("FitConfig", "amp_dtype", self.amp_dtype, get_args(AmpDtype))
+            check_choice("FitConfig", "amp_dtype", self.amp_dtype, get_args(AmpDtype))
 
     @classmethod
     def paper(cls, **overrides: Any) -> FitConfig:
@@ -392,31 +312,64 @@ class FitConfig:
         return cls(**base)
 
 
-def _known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
-    """Keep the keys that `cls` knows; warn about (and drop) the others, as peft does for newer configs."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        warnings.warn(f"Ignoring unknown {what} keys {unknown} (written by a newer dmm_wrap?).", stacklevel=3)
-    return {k: v for k, v in d.items() if k in names}
+SMOKE_STEPS = 100
+"""A run with fit.max_steps below this is a smoke run, evaluated on at most `EvalConfig.smoke_samples` samples."""
 
 
-def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
-    """Build `cls` from a user mapping, rejecting unknown keys with the closest valid names; errors name the keys as
-    `section.key`."""
-    if not isinstance(values, dict):
-        raise TypeError(f"{section} must be a mapping of options, got {type(values).__name__}.")
-    names = [f.name for f in fields(cls)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=3)
-            hint = f" Did you mean {close}?" if close else ""
-            raise ConfigError(f"Unknown option {section}.{key}.{hint} Valid options: {names}.")
-    try:
-        return cls(**values)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace(f"{cls.__name__}.", f"{section}.")) from err
+@dataclass
+class EvalConfig:
+    """Settings of the evaluation probes; not saved with the weights."""
+
+    mlp_hidden: tuple[int, ...] = (128, 128)
+    """Hidden layer sizes of the MLP leakage probes."""
+
+    mlp_max_iter: int = 200
+    """Maximum epochs of each MLP probe; early stopping on a 10% validation split usually ends it sooner."""
+
+    linear_max_iter: int = 1000
+    """Maximum iterations of the logistic regressions (task classifier and categorical linear probes)."""
+
+    ridge_alpha: float = 1.0
+    """L2 penalty of the Ridge linear probe of continuous attributes (on standardised features)."""
+
+    seed: int = 0
+    """random_state of every probe and of the t-SNE subsample."""
+
+    leace: bool = True
+    """Also evaluate LEACE-erased raw features (needs the `concept-erasure` package)."""
+
+    max_samples: int | None = None
+    """Use at most this many train and this many test samples (the first ones each loader yields); None = all."""
+
+    smoke_samples: int = 512
+    """Cap on `max_samples` in a smoke run (fit.max_steps below SMOKE_STEPS = 100), so that checking the pipeline
+    end to end stays fast: probing a barely trained head on thousands of samples measures nothing."""
+
+    tsne_samples: int = 1000
+    """Test samples embedded by t-SNE for the figure (at most); 0 skips the t-SNE figure."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.mlp_hidden or any(not isinstance(h, int) or h < 1 for h in self.mlp_hidden):
+            raise ValueError(f"EvalConfig.mlp_hidden must be a non-empty list of ints >= 1, got {self.mlp_hidden!r}.")
+        self.mlp_hidden = tuple(self.mlp_hidden)
+        for key in ("mlp_max_iter", "linear_max_iter", "smoke_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"EvalConfig.{key} must be >= 1, got {getattr(self, key)!r}.")
+        if self.max_samples is not None and self.max_samples < 10:
+            raise ValueError(f"EvalConfig.max_samples must be None or >= 10, got {self.max_samples!r}.")
+        if self.tsne_samples < 0:
+            raise ValueError(f"EvalConfig.tsne_samples must be >= 0, got {self.tsne_samples!r}.")
+        if not self.ridge_alpha >= 0:
+            raise ValueError(f"EvalConfig.ridge_alpha must be >= 0, got {self.ridge_alpha!r}.")
+
+    def sample_cap(self, max_steps: int | None) -> int | None:
+        """Samples per split to evaluate on for a run trained with `max_steps` (smoke runs are capped)."""
+        if max_steps is None or max_steps >= SMOKE_STEPS:
+            return self.max_samples
+        return min(self.max_samples or self.smoke_samples, self.smoke_samples)
 
 
-__all__ = ["Attribute", "HeadConfig", "FitConfig", "ConfigError", "MissingFileError", "build_dataclass", "check_fields",
-           "check_value"]
+__all__ = ["Attribute", "HeadConfig", "FitConfig", "EvalConfig", "SMOKE_STEPS", "ConfigError", "MissingFileError",
+           "validate", "check_fields", "check_value", "check_choice", "known_keys", "matches",
+           "type_name", "got"]

@@ -2,16 +2,18 @@
 
 `DebiasedEncoder` hooks its backbone and stops the forward by raising; that is cheap in eager mode but is not one
 graph. `InferenceModule` computes the same function without hooks: the backbone truncated at the hooked layer by
-torch.fx (so later layers are gone, not skipped), then pooling, standardisation and h_theta.
+torch.fx (so later layers are gone, not skipped), then pooling, standardisation and h_theta. `InferenceMixin` gives
+the encoder its inference methods (preprocess, embed, inference_module, export_onnx) and its compile / export path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -19,10 +21,10 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from .backbones import BackboneSpec
-from .config import Pooling, _check_choice, _known_keys
-from .hooks import first_tensor, pool
-from .objective import DeepMinMax
+from .backbones import BackboneSpec, registered_pretrained
+from .config import Pooling, check_choice, known_keys
+from .core.hooks import first_tensor, pool
+from .core.objective import DeepMinMax
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
 CropMode = Literal["center", "squash", "border"]
@@ -71,8 +73,8 @@ class Preprocessing:
             )
         if min(std) <= 0:
             raise ValueError(f"Preprocessing.std must be > 0, got {std}.")
-        _check_choice("Preprocessing", "interpolation", self.interpolation, get_args(Interpolation))
-        _check_choice("Preprocessing", "crop_mode", self.crop_mode, get_args(CropMode))
+        check_choice("Preprocessing", "interpolation", self.interpolation, get_args(Interpolation))
+        check_choice("Preprocessing", "crop_mode", self.crop_mode, get_args(CropMode))
         if not 0 < float(self.crop_pct) <= 1:
             raise ValueError(f"Preprocessing.crop_pct must lie in (0, 1], got {self.crop_pct!r}.")
         object.__setattr__(self, "input_size", size)
@@ -81,6 +83,7 @@ class Preprocessing:
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (config.json's "preprocessing")."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
@@ -91,7 +94,7 @@ class Preprocessing:
         missing = [k for k in ("input_size", "mean", "std") if k not in d]
         if missing:
             raise ValueError(f"preprocessing lacks {missing}; give input_size, mean and std at least.")
-        return cls(**_known_keys(cls, d, "preprocessing"))
+        return cls(**known_keys(cls, d, "preprocessing"))
 
     def transform(self) -> Callable[[Any], Tensor]:
         """The eval transform (resize, crop, to tensor, normalise) built by `timm.data.create_transform`."""
@@ -114,8 +117,9 @@ def default_preprocessing(backbone: nn.Module, spec: BackboneSpec,
 
     timm: `timm.data.resolve_model_data_config`. torchvision: the transforms of the pretrained weights enum when
     `spec.pretrained_tag` names one, else ImageNet statistics at 224 px with bilinear resize and crop_pct 0.875.
-    custom: None (set `DebiasedEncoder.preprocessing` yourself). An `input_size` of (C, H, W) given to the encoder
-    replaces the backbone's default resolution, since that is the size the model was built for.
+    custom: None (set `DebiasedEncoder.preprocessing` yourself). A backbone registered with `register_pretrained`:
+    the preprocessing it was registered with. An `input_size` of (C, H, W) given to the encoder replaces the
+    backbone's default resolution, since that is the size the model was built for.
     """
     size = tuple(input_size) if input_size is not None and len(input_size) == 3 else None
     try:
@@ -129,10 +133,10 @@ def default_preprocessing(backbone: nn.Module, spec: BackboneSpec,
 
 def _backbone_preprocessing(backbone: nn.Module, spec: BackboneSpec,
                             size: tuple[int, ...] | None) -> dict[str, Any] | None:
-    from .pretrained import DIGITS_ENCODER_TAG
-
-    if spec.pretrained_tag == DIGITS_ENCODER_TAG:
-        return None  # trained on SyntheticDigits tensors, which are generated already normalised
+    registered = registered_pretrained(spec.pretrained_tag)
+    if registered is not None:
+        fields = registered.preprocessing
+        return None if fields is None else {**fields, "input_size": size or fields["input_size"]}
     if spec.source == "timm":
         from timm.data import resolve_model_data_config
 
@@ -184,6 +188,7 @@ class InferenceModule(nn.Module):
         self.train(False)
 
     def forward(self, inputs: Tensor) -> Tensor:
+        """Debiased features Z~ [N, out_dim] of a batch of inputs."""
         out = self.trunk(inputs)
         if self.truncated:
             out = out[_NODE_KEY]
@@ -191,6 +196,7 @@ class InferenceModule(nn.Module):
         return self.h((z - self.feature_mean) / self.feature_std)
 
     def train(self, mode: bool = True) -> InferenceModule:
+        """Stay in eval mode, whatever `mode` says."""
         super().train(False)
         return self
 
@@ -244,5 +250,152 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, example: Tensor, *, 
     return path
 
 
-__all__ = ["GRAPH_OUTPUT", "Preprocessing", "InferenceModule", "as_preprocessing", "default_preprocessing",
-           "truncate_backbone", "export_onnx", "IMAGENET_MEAN", "IMAGENET_STD"]
+def compiling() -> bool:
+    """Whether torch.compile (dynamo) or torch.export is tracing the current call."""
+    check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3; it is also True under torch.export
+    return bool(check()) if check is not None else bool(torch._dynamo.is_compiling())
+
+
+class InferenceMixin:
+    """The inference methods of `DebiasedEncoder`: preprocessing, batched embedding, the hook-free graph, ONNX.
+
+    The class provides `backbone`, `layer`, `backbone_spec`, `extractor` (its `pool`), `channels_last`, `input_size`,
+    `device`, `_require_heads()` (the built `DeepMinMax`) and a forward that gives Z~.
+    """
+
+    _preprocessing: Preprocessing | None = None
+    _transform: Callable[[Any], Tensor] | None = None
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """How PIL images become inputs (saved in config.json); None when unknown. Assign a Preprocessing or a dict."""
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: Preprocessing | dict[str, Any] | None) -> None:
+        self._preprocessing = as_preprocessing(value)
+        self._transform = None
+
+    @property
+    def preprocess(self) -> Callable[[Any], Tensor]:
+        """The eval transform of `preprocessing` (resize, crop, to tensor, normalise) for one PIL image.
+
+        Example:
+            >>> x = torch.stack([enc.preprocess(img) for img in pil_images])
+        """
+        if self._transform is None:
+            if self._preprocessing is None:
+                raise ValueError(
+                    "This model records no preprocessing (custom backbone or non-image inputs). Set it, e.g. "
+                    "model.preprocessing = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), "
+                    "std=(0.229, 0.224, 0.225)), or pass tensors that are already preprocessed."
+                )
+            self._transform = self._preprocessing.transform()
+        return self._transform
+
+    def embed(self, images: Tensor | Iterable[Any], batch_size: int = 64, *,
+              device: str | torch.device | None = None) -> Tensor:
+        """Debiased features Z~ [N, out_dim] on CPU, computed in batches under torch.inference_mode.
+
+        Args:
+            images: a tensor [N, ...] of preprocessed inputs, or an iterable of PIL images (run through
+                `preprocess`) and/or preprocessed tensors [C, H, W].
+            batch_size: inputs per forward pass.
+            device: where to run; None uses the model's device.
+
+        Example:
+            >>> z_tilde = enc.embed([Image.open(p).convert("RGB") for p in paths], batch_size=32)
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        heads = self._require_heads()
+        if device is None:
+            device = self.device
+        if isinstance(images, Tensor):
+            batches: Iterable[Tensor] = images.split(batch_size)
+        else:
+            items = iter(images)
+            batches = (torch.stack([x if isinstance(x, Tensor) else self.preprocess(x) for x in chunk])
+                       for chunk in iter(lambda: list(itertools.islice(items, batch_size)), []))
+        out: list[Tensor] = []
+        with torch.inference_mode():
+            for batch in batches:
+                out.append(self(batch.to(device)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, heads.out_dim)
+
+    def inference_module(self, *, check: bool = True) -> InferenceModule:
+        """`forward` as a plain hook-free nn.Module for torch.compile(fullgraph=True), torch.export and ONNX.
+
+        The backbone is truncated at the hooked layer with torch.fx (later layers are removed), followed by
+        pooling, standardisation and h_theta. It shares weights with this model; build a new one after `fit`.
+
+        Args:
+            check: when `input_size` is known, compare the module with the hooked forward on a random batch and
+                raise if they differ (torch.fx froze a different control-flow path).
+
+        Example:
+            >>> program = torch.export.export(enc.inference_module(), (x,))
+        """
+        heads = self._require_heads()
+        trunk, truncated = truncate_backbone(self.backbone, self.layer, self.backbone_spec)
+        module = InferenceModule(trunk, self.extractor.pool, heads, truncated, self.channels_last)
+        if check and self.input_size is not None:
+            param = next(itertools.chain(self.backbone.parameters(), heads.parameters()))
+            x = torch.randn(2, *self.input_size, generator=torch.Generator().manual_seed(0))
+            x = x.to(param.device, param.dtype if param.is_floating_point() else None)
+            with torch.no_grad():
+                expected, got = self(x), module(x)
+            if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(
+                    f"The hook-free graph of {type(self.backbone).__name__} differs from the hooked forward (max abs "
+                    f"diff {(expected - got).abs().max().item():.3g}); torch.fx traced a different path. Use the "
+                    "eager model, or hook another layer."
+                )
+        return module
+
+    def export_onnx(self, path: str | os.PathLike, example: Tensor, *, dynamic_batch: bool = True,
+                    opset_version: int | None = None) -> Path:
+        """Export the hook-free `inference_module()` to an ONNX file (input "inputs", output "z_tilde").
+
+        Example:
+            >>> enc.export_onnx("debiased.onnx", torch.randn(2, 3, 224, 224))
+        """
+        return export_onnx(self.inference_module(), path, example, dynamic_batch=dynamic_batch,
+                           opset_version=opset_version)
+
+    def _prepare_graph(self) -> None:
+        """Trace the hook-free graph that compile / export run, now: it cannot be built while dynamo traces forward.
+
+        Kept out of the module tree (not a submodule), so it adds no state_dict keys; its leaf modules are the
+        backbone's own, so it follows the backbone's weights and devices. Tracing runs the forward hooks of the
+        backbone's traced-through modules once, on torch.fx proxies (so that hooks which change outputs are in the
+        graph). A backbone torch.fx cannot trace still works in eager mode; compile / export then raise the reason.
+        """
+        try:
+            with warnings.catch_warnings():  # torch.fx's notes concern inference_module() users, not every model
+                warnings.simplefilter("ignore")
+                trunk, truncated = truncate_backbone(self.backbone, self.layer, self.backbone_spec)
+        except ValueError as err:
+            self.__dict__["_graph"] = err
+        else:
+            self.__dict__["_graph"] = (trunk.eval(), truncated)
+
+    def _graph_features(self, inputs: Tensor) -> Tensor:
+        """`features` through the hook-free graph: what torch.compile and torch.export trace."""
+        graph = self.__dict__.get("_graph")
+        if isinstance(graph, ValueError):
+            raise RuntimeError(f"torch.compile / torch.export need a hook-free graph of the backbone. {graph}"
+                               ) from graph
+        if graph is None:
+            raise RuntimeError("The heads are not built yet: call fit(...) first, pass input_size=, or load with "
+                               "from_pretrained, then compile or export.")
+        trunk, truncated = graph
+        with torch.no_grad():
+            out = trunk(inputs)
+            if truncated:
+                out = out[GRAPH_OUTPUT]
+            return pool(first_tensor(out), self.extractor.pool, self.channels_last).float()
+
+
+__all__ = ["GRAPH_OUTPUT", "Preprocessing", "InferenceModule", "InferenceMixin", "as_preprocessing",
+           "default_preprocessing", "truncate_backbone", "export_onnx", "compiling", "IMAGENET_MEAN", "IMAGENET_STD"]

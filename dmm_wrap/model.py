@@ -5,35 +5,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from . import __version__
-from .backbones import (BackboneSpec, build_backbone, check_rebuild_spec, create_backbone, describe_backbone,
-                        freeze)
-from .config import Attribute, FitConfig, HeadConfig, Pooling, _known_keys, build_dataclass
-from .hooks import FeatureExtractor, first_tensor
-from .hooks import pool as pool_features
-from .hub import (DEFAULT_COMMIT_MESSAGE, card_was_edited, load_audit, load_metrics, model_card, push_folder_to_hub,
-                  resolve_pretrained)
-from .inference import (GRAPH_OUTPUT, InferenceModule, Preprocessing, as_preprocessing, default_preprocessing,
-                        export_onnx, truncate_backbone)
-from .objective import DeepMinMax
-from .serialization import (CONFIG_NAME, FORMAT_VERSION, METRICS_NAME, MODEL_TYPE, README_NAME, WEIGHTS_NAME,
-                            WEIGHTS_SHA_KEY, records_other_weights,
-                            check_keys, check_weights_match_config, file_sha256, load_weights, plain_metrics,
-                            read_config, require_keys, save_weights, write_atomically, write_config, write_metrics)
-from .trainer import FitHistory, PrePass, TrainingInterrupted, train
+from .version import __version__
+from .backbones import (BackboneSpec, build_backbone, check_pinned, check_rebuild_spec, create_backbone,
+                        describe_backbone, freeze, pretrained_backbone)
+from .config import Attribute, FitConfig, HeadConfig, Pooling, known_keys, validate
+from .core.hooks import FeatureExtractor
+from .core.objective import DeepMinMax
+from .inference import InferenceMixin, Preprocessing, compiling, default_preprocessing
+from .io.hub_mixin import HubMixin
+from .io.serialization import CONFIG_NAME, FORMAT_VERSION, MODEL_TYPE, require_keys
+from .train.loop import FitHistory, PrePass, TrainingInterrupted, train
 
-_HEADS_PREFIX = "heads."
-_DUPLICATE_PREFIX = "extractor._target."
 _CONFIG_KEYS = ("model_type", "format_version", "dmm_wrap_version", "weights_sha256", "backbone", "layer", "pool", "input_size",
                 "feature_dim", "out_dim", "attributes", "head", "weights", "preprocessing", "vocabulary",
                 "channels_last")
@@ -52,7 +42,7 @@ def _as_attributes(attributes: Sequence[Attribute | dict[str, Any]]) -> tuple[At
     return out
 
 
-class DebiasedEncoder(nn.Module):
+class DebiasedEncoder(HubMixin, InferenceMixin, nn.Module):
     """A frozen backbone whose features at `layer` are debiased by DeepMinMax.
 
     Args:
@@ -71,7 +61,8 @@ class DebiasedEncoder(nn.Module):
             and the backbone (timm's `output_fmt` "NHWC"); saved in config.json.
         **head_options: fields of `HeadConfig` (h_layers, h_hidden, out_dim, m_layers, ...).
 
-    Under torch.compile and torch.export the forward runs a hook-free graph of the backbone truncated at `layer`
+    Saving, loading and pushing come from `HubMixin`; preprocess, embed, inference_module and export_onnx from
+    `InferenceMixin`. Under torch.compile and torch.export the forward runs a hook-free graph of the backbone truncated at `layer`
     (see `inference_module`), so `torch.export.export(enc, (x,))` and `torch.compile(enc, fullgraph=True)` work.
 
     Example:
@@ -79,6 +70,9 @@ class DebiasedEncoder(nn.Module):
         >>> history = enc.fit(loader, epochs=5)
         >>> z_tilde = enc(images)
     """
+
+    _trained_prefix = "heads."
+    _dropped_prefixes = ("extractor._target.",)  # full saves of earlier versions held the hooked layer's tensors twice
 
     def __init__(self, backbone: nn.Module | str, layer: str | None, attributes: Sequence[Attribute | dict[str, Any]],
                  *, pool: Pooling = "avg", input_size: Sequence[int] | None = None,
@@ -94,7 +88,7 @@ class DebiasedEncoder(nn.Module):
         feature_dim = head_options.pop("_feature_dim", None)
         self.backbone_spec: BackboneSpec = describe_backbone(backbone)
         self.attributes = _as_attributes(attributes)
-        self.head_config = build_dataclass(HeadConfig, head_options, "head")
+        self.head_config = validate(HeadConfig, head_options, "head")
         self.extractor = FeatureExtractor(freeze(backbone), layer, pool, channels_last)
         self.input_size = tuple(input_size) if input_size is not None else None
         self.heads: DeepMinMax | None = None
@@ -102,8 +96,6 @@ class DebiasedEncoder(nn.Module):
         """String labels of the training data's text columns ({column: labels}, class id k = labels[k]; see
         `ImageCSVDataset.vocabulary`), saved in config.json so that held-out data is read with the same ids; None
         when unknown."""
-        self._transform: Callable[[Any], Tensor] | None = None
-        self._preprocessing: Preprocessing | None = None
         self.preprocessing = (default_preprocessing(backbone, self.backbone_spec, self.input_size)
                               if isinstance(preprocessing, str) and preprocessing == "auto" else preprocessing)
         if feature_dim is None and self.input_size is not None:
@@ -114,10 +106,12 @@ class DebiasedEncoder(nn.Module):
     # ----------------------------------------------------------------- structure
     @property
     def backbone(self) -> nn.Module:
+        """The frozen backbone."""
         return self.extractor.backbone
 
     @property
     def layer(self) -> str | None:
+        """Name of the hooked module in `backbone`; None hooks the backbone's output."""
         return self.extractor.layer
 
     @property
@@ -129,16 +123,6 @@ class DebiasedEncoder(nn.Module):
     def feature_dim(self) -> int | None:
         """Width D of the hooked, pooled features (None until inferred)."""
         return self.heads.feature_dim if self.heads is not None else None
-
-    @property
-    def preprocessing(self) -> Preprocessing | None:
-        """How PIL images become inputs (saved in config.json); None when unknown. Assign a Preprocessing or a dict."""
-        return self._preprocessing
-
-    @preprocessing.setter
-    def preprocessing(self, value: Preprocessing | dict[str, Any] | None) -> None:
-        self._preprocessing = as_preprocessing(value)
-        self._transform = None
 
     @property
     def device(self) -> torch.device:
@@ -158,24 +142,8 @@ class DebiasedEncoder(nn.Module):
         self.heads = DeepMinMax(feature_dim, self.attributes, self.head_config).to(device)
         self._prepare_graph()
 
-    def _prepare_graph(self) -> None:
-        """Trace the hook-free graph that compile / export run, now: it cannot be built while dynamo traces forward.
-
-        Kept out of the module tree (not a submodule), so it adds no state_dict keys; its leaf modules are the
-        backbone's own, so it follows the backbone's weights and devices. Tracing runs the forward hooks of the
-        backbone's traced-through modules once, on torch.fx proxies (so that hooks which change outputs are in the
-        graph). A backbone torch.fx cannot trace still works in eager mode; compile / export then raise the reason.
-        """
-        try:
-            with warnings.catch_warnings():  # torch.fx's notes concern inference_module() users, not every model
-                warnings.simplefilter("ignore")
-                trunk, truncated = truncate_backbone(self.backbone, self.layer, self.backbone_spec)
-        except ValueError as err:
-            self.__dict__["_graph"] = err
-        else:
-            self.__dict__["_graph"] = (trunk.eval(), truncated)
-
     def train(self, mode: bool = True) -> DebiasedEncoder:
+        """Set the heads' training mode; the backbone stays in eval mode."""
         super().train(mode)
         self.extractor.train(False)  # the backbone stays in eval mode
         return self
@@ -191,7 +159,7 @@ class DebiasedEncoder(nn.Module):
 
         Under torch.compile / torch.export they come from the hook-free graph instead of the hook (same values).
         """
-        if _compiling():
+        if compiling():
             return self._graph_features(inputs)
         with torch.no_grad():
             return self.extractor(inputs).float()
@@ -203,109 +171,6 @@ class DebiasedEncoder(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         """Debiased features Z~ [N, out_dim] of a batch of inputs."""
         return self.debias(self.features(inputs))
-
-    def _graph_features(self, inputs: Tensor) -> Tensor:
-        """`features` through the hook-free graph: what torch.compile and torch.export trace."""
-        graph = self.__dict__.get("_graph")
-        if isinstance(graph, ValueError):
-            raise RuntimeError(f"torch.compile / torch.export need a hook-free graph of the backbone. {graph}"
-                               ) from graph
-        if graph is None:
-            raise RuntimeError("The heads are not built yet: call fit(...) first, pass input_size=, or load with "
-                               "from_pretrained, then compile or export.")
-        trunk, truncated = graph
-        with torch.no_grad():
-            out = trunk(inputs)
-            if truncated:
-                out = out[GRAPH_OUTPUT]
-            return pool_features(first_tensor(out), self.extractor.pool, self.channels_last).float()
-
-    @property
-    def preprocess(self) -> Callable[[Any], Tensor]:
-        """The eval transform of `preprocessing` (resize, crop, to tensor, normalise) for one PIL image.
-
-        Example:
-            >>> x = torch.stack([enc.preprocess(img) for img in pil_images])
-        """
-        if self._transform is None:
-            if self._preprocessing is None:
-                raise ValueError(
-                    "This model records no preprocessing (custom backbone or non-image inputs). Set it, e.g. "
-                    "model.preprocessing = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), "
-                    "std=(0.229, 0.224, 0.225)), or pass tensors that are already preprocessed."
-                )
-            self._transform = self._preprocessing.transform()
-        return self._transform
-
-    def embed(self, images: Tensor | Iterable[Any], batch_size: int = 64, *,
-              device: str | torch.device | None = None) -> Tensor:
-        """Debiased features Z~ [N, out_dim] on CPU, computed in batches under torch.inference_mode.
-
-        Args:
-            images: a tensor [N, ...] of preprocessed inputs, or an iterable of PIL images (run through
-                `preprocess`) and/or preprocessed tensors [C, H, W].
-            batch_size: inputs per forward pass.
-            device: where to run; None uses the model's device.
-
-        Example:
-            >>> z_tilde = enc.embed([Image.open(p).convert("RGB") for p in paths], batch_size=32)
-        """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-        heads = self._require_heads()
-        if device is None:
-            device = self.device
-        if isinstance(images, Tensor):
-            batches: Iterable[Tensor] = images.split(batch_size)
-        else:
-            items = iter(images)
-            batches = (torch.stack([x if isinstance(x, Tensor) else self.preprocess(x) for x in chunk])
-                       for chunk in iter(lambda: list(itertools.islice(items, batch_size)), []))
-        out: list[Tensor] = []
-        with torch.inference_mode():
-            for batch in batches:
-                out.append(self(batch.to(device)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, heads.out_dim)
-
-    def inference_module(self, *, check: bool = True) -> InferenceModule:
-        """`forward` as a plain hook-free nn.Module for torch.compile(fullgraph=True), torch.export and ONNX.
-
-        The backbone is truncated at the hooked layer with torch.fx (later layers are removed), followed by
-        pooling, standardisation and h_theta. It shares weights with this model; build a new one after `fit`.
-
-        Args:
-            check: when `input_size` is known, compare the module with the hooked forward on a random batch and
-                raise if they differ (torch.fx froze a different control-flow path).
-
-        Example:
-            >>> program = torch.export.export(enc.inference_module(), (x,))
-        """
-        heads = self._require_heads()
-        trunk, truncated = truncate_backbone(self.backbone, self.layer, self.backbone_spec)
-        module = InferenceModule(trunk, self.extractor.pool, heads, truncated, self.channels_last)
-        if check and self.input_size is not None:
-            param = next(itertools.chain(self.backbone.parameters(), heads.parameters()))
-            x = torch.randn(2, *self.input_size, generator=torch.Generator().manual_seed(0))
-            x = x.to(param.device, param.dtype if param.is_floating_point() else None)
-            with torch.no_grad():
-                expected, got = self(x), module(x)
-            if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
-                raise RuntimeError(
-                    f"The hook-free graph of {type(self.backbone).__name__} differs from the hooked forward (max abs "
-                    f"diff {(expected - got).abs().max().item():.3g}); torch.fx traced a different path. Use the "
-                    "eager model, or hook another layer."
-                )
-        return module
-
-    def export_onnx(self, path: str | os.PathLike, example: Tensor, *, dynamic_batch: bool = True,
-                    opset_version: int | None = None) -> Path:
-        """Export the hook-free `inference_module()` to an ONNX file (input "inputs", output "z_tilde").
-
-        Example:
-            >>> enc.export_onnx("debiased.onnx", torch.randn(2, 3, 224, 224))
-        """
-        return export_onnx(self.inference_module(), path, example, dynamic_batch=dynamic_batch,
-                           opset_version=opset_version)
 
     # ----------------------------------------------------------------- training
     def fit(self, loader: Iterable, epochs: int | None = None, *, config: FitConfig | None = None,
@@ -323,7 +188,7 @@ class DebiasedEncoder(nn.Module):
                 checkpoint_dir, checkpoint_every, resume, ...).
 
         Inside an initialised torch.distributed process group, call it on every rank with a loader of that rank's
-        shard (e.g. a DistributedSampler): the heads train data-parallel (see `trainer.train`).
+        shard (e.g. a DistributedSampler): the heads train data-parallel (see `dmm_wrap.train.loop.train`).
 
         Returns:
             The FitHistory of the loss terms. If fit raises, the heads are restored to their state before the call,
@@ -336,7 +201,7 @@ class DebiasedEncoder(nn.Module):
         base.update(options)
         if epochs is not None:
             base["epochs"] = epochs
-        cfg = build_dataclass(FitConfig, base, "fit")
+        cfg = validate(FitConfig, base, "fit")
         device = torch.device(cfg.device) if cfg.device is not None else self.device
         if cfg.align_weight > 0 and not self.head_config.residual:
             warnings.warn("align_weight > 0 with a non-residual h_theta: the alignment target starts from h_theta's "
@@ -394,171 +259,24 @@ class DebiasedEncoder(nn.Module):
             "attributes": [a.to_dict() for a in self.attributes],
             "head": dataclasses.asdict(self.head_config),
             "weights": "heads_only" if heads_only else "full",
-            "preprocessing": self._preprocessing.to_dict() if self._preprocessing is not None else None,
+            "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
             "vocabulary": self.vocabulary,
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, heads_only: bool = False,
-                        metrics: Mapping[str, Any] | None = None) -> Path:
-        """Write config.json, model.safetensors and a model card README.md to `save_directory`, atomically.
-
-        Args:
-            save_directory: the folder to write (created if needed); files of an earlier save are replaced whole.
-            heads_only: save only the trained heads (`heads.*` tensors), as peft saves adapters. The backbone is
-                then rebuilt from its spec when loading, so it must be a timm / torchvision backbone with a
-                pretrained tag, or a custom module that you pass back with `from_pretrained(..., backbone=)`.
-            metrics: {name: value} written to metrics.json, with the sha256 of the weights they describe
-                (`weights_sha256`), and shown in the card; None uses the metrics.json already in `save_directory`
-                unless it records other weights (then it is left out of the card, with a warning).
-
-        An audit.json already in `save_directory` (`dmm_wrap.audit`) is shown in the card while it audits the weights
-        written now (same sha256), and left out otherwise. The card README.md is regenerated only when it is absent
-        or is one dmm_wrap generated and nobody edited (recognised by its last line, a marker with its sha256); an
-        edited or foreign README.md is kept as it is, with a warning.
-
-        Example:
-            >>> enc.save_pretrained("runs/debiased-resnet18", metrics={"site_probe_accuracy": 0.35})
-        """
-        config = self.config_dict(heads_only=heads_only)
-        if heads_only:
-            self._check_heads_only()
-        state = self.state_dict()
-        if heads_only:
-            state = {k: v for k, v in state.items() if k.startswith(_HEADS_PREFIX)}
-        new_metrics = plain_metrics(metrics) if metrics is not None else None
-        folder = Path(save_directory)
-        keep_card = card_was_edited(folder)
-        if keep_card:
-            warnings.warn(f"{folder / README_NAME} was edited (or not written by dmm_wrap): it is kept as it is, so "
-                          "its metrics and usage may be stale. Delete it to get a regenerated card.", stacklevel=2)
-
-        def writer(tmp: Path) -> None:
-            save_weights(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "weights": config["weights"]})
-            saved = {**config, "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)}
-            if new_metrics is not None:
-                card_metrics = {**new_metrics, WEIGHTS_SHA_KEY: saved["weights_sha256"]}
-                write_metrics(card_metrics, tmp / METRICS_NAME)
-            else:
-                card_metrics = load_metrics(folder)
-                if records_other_weights(card_metrics, saved["weights_sha256"]):
-                    warnings.warn(f"{folder / METRICS_NAME} records other weights than the ones saved now; it is left "
-                                  "out of the model card. Pass metrics= to record those of these weights.",
-                                  stacklevel=4)
-                    card_metrics = None
-            audit = load_audit(folder, saved)  # shown only if it audits these very weights
-            if not keep_card:
-                (tmp / README_NAME).write_text(model_card(saved, card_metrics, audit=audit))
-            write_config(saved, tmp / CONFIG_NAME)
-
-        return write_atomically(save_directory, writer)
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str = DEFAULT_COMMIT_MESSAGE,
-                    commit_description: str | None = None, create_pr: bool = False, heads_only: bool = False,
-                    metrics: Mapping[str, Any] | None = None, api: Any = None) -> Any:
-        """Save into a temporary folder and upload it to the Hub repo `repo_id` in one commit.
-
-        The repo is created if needed (`exist_ok=True`). Nothing is created or uploaded when saving fails. The token
-        goes to huggingface_hub only; it is never written into the files.
-
-        Args:
-            repo_id: "org/name".
-            private: visibility of a newly created repo; None keeps the Hub default.
-            token: a Hub token; None uses the logged-in one.
-            revision: branch to commit to (created if missing); None is main.
-            commit_message, commit_description: of the commit (or pull request).
-            create_pr: open a pull request instead of committing.
-            heads_only, metrics: as in `save_pretrained`.
-            api: an `huggingface_hub.HfApi` to use; None makes one.
-
-        Returns:
-            The `huggingface_hub.CommitInfo` (`.commit_url`, `.pr_url`).
-
-        Example:
-            >>> enc.push_to_hub("my-org/debiased-resnet18", private=True)
-        """
-        with tempfile.TemporaryDirectory(prefix="dmm_wrap-push-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "model", heads_only=heads_only, metrics=metrics)
-            return push_folder_to_hub(folder, repo_id, private=private, token=token, revision=revision,
-                                      commit_message=commit_message, commit_description=commit_description,
-                                      create_pr=create_pr, api=api)
-
     def _check_heads_only(self) -> None:
-        spec = self.backbone_spec
-        if spec.source != "custom" and not spec.pretrained_tag:
-            raise ValueError(
-                f"heads_only=True needs a backbone that can be rebuilt with the same weights, but this "
-                f"{spec.source}:{spec.name} backbone has no pretrained tag (random init, or weights loaded by hand): "
-                "its weights exist only in this model. Save the full weights (heads_only=False), or build the "
-                f"backbone with create_backbone('{spec.source}:{spec.name}', pretrained=TAG)."
-            )
-
-    @classmethod
-    def from_pretrained(cls, repo_id_or_dir: str | os.PathLike, *, revision: str | None = None,
-                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                        token: str | bool | None = None, backbone: nn.Module | None = None,
-                        map_location: str | torch.device = "cpu") -> DebiasedEncoder:
-        """Load a model written by `save_pretrained`, from a folder or a Hugging Face Hub repo.
-
-        A path-like object or an existing folder loads directly. Any other string is a repo id, downloaded with
-        huggingface_hub (config.json, model.safetensors, README.md, metrics.json, audit.json) into its cache; offline
-        (HF_HUB_OFFLINE=1 or local_files_only=True) only the cache is read. timm and torchvision backbones are
-        rebuilt by name; a custom backbone must be passed as `backbone=`. A heads-only save rebuilds the backbone
-        with its pinned pretrained weights (a download) unless `backbone=` is given. Weights are read from
-        safetensors only (never unpickled), with strict key and shape checks.
-
-        Args:
-            repo_id_or_dir: a folder, or "org/name" on the Hub.
-            revision: branch, tag or commit of the repo; None is main.
-            cache_dir: the Hugging Face cache to use; None is the default (HF_HUB_CACHE).
-            local_files_only: never touch the network.
-            token: for private or gated repos; never stored.
-            backbone: the backbone module (required for custom backbones; its weights are overwritten by a full save).
-            map_location: device of the returned model.
-
-        Example:
-            >>> enc = DebiasedEncoder.from_pretrained("my-org/debiased-resnet18", revision="v1.0")
-        """
-        directory = resolve_pretrained(repo_id_or_dir, revision=revision, cache_dir=cache_dir,
-                                       local_files_only=local_files_only, token=token)
-        weights_path = directory / WEIGHTS_NAME
-        if not weights_path.is_file():
-            load_weights(weights_path)  # raises: missing, or a pickle checkpoint that is refused
-        config = read_config(directory / CONFIG_NAME)
-        state = load_weights(weights_path)
-        # Full saves of earlier versions held the hooked layer's tensors a second time, under this prefix.
-        state = {k: v for k, v in state.items() if not k.startswith(_DUPLICATE_PREFIX)}
-        model = cls._from_config(config, backbone, directory / CONFIG_NAME)
-        heads_only = config.get("weights", "full") == "heads_only"
-        expected = model.state_dict()
-        if heads_only:
-            expected = {k: v for k, v in expected.items() if k.startswith(_HEADS_PREFIX)}
-        check_keys(expected, state, weights_path)
-        check_weights_match_config(config, weights_path)  # after the key checks, whose messages say more
-        model.load_state_dict(state, strict=not heads_only)
-        return model.to(map_location).eval()
+        check_pinned(self.backbone_spec)
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], backbone: nn.Module | None,
                      path: Path = Path(CONFIG_NAME)) -> DebiasedEncoder:
-        unknown = sorted(set(config) - set(_CONFIG_KEYS))
-        if unknown:
-            warnings.warn(f"Ignoring unknown config keys {unknown} (written by a newer dmm_wrap?).", stacklevel=3)
-        require_keys(config, _REQUIRED_KEYS, path)
-        weights = config.get("weights", "full")
-        if weights not in ("full", "heads_only"):
-            raise ValueError(f"{path}: 'weights' must be 'full' or 'heads_only', got {weights!r}.")
-        try:
-            spec = BackboneSpec.from_dict(config["backbone"])
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}: 'backbone' must be a mapping with 'source' and 'name', got "
-                             f"{config['backbone']!r}.") from err
+        """The model `config` (a config.json at `path`) describes, untrained; `backbone` None rebuilds it."""
+        spec, weights = _check_config(config, path)
         if backbone is None:
             check_rebuild_spec(spec, str(path))  # before anything reaches timm / torchvision
-            backbone = build_backbone(spec) if weights == "full" else _pretrained_backbone(spec)
+            backbone = build_backbone(spec) if weights == "full" else pretrained_backbone(spec)
         elif weights == "heads_only":
             _warn_if_other_backbone(backbone, spec)
-        head = _known_keys(HeadConfig, config.get("head", {}), "head config")
+        head = known_keys(HeadConfig, config.get("head", {}), "head config")
         model = cls(backbone, config["layer"], [Attribute.from_dict(a) for a in config["attributes"]],
                     pool=config.get("pool", "avg"), input_size=None, preprocessing=config.get("preprocessing", "auto"),
                     channels_last=config.get("channels_last"),
@@ -570,6 +288,23 @@ class DebiasedEncoder(nn.Module):
         return model
 
 
+def _check_config(config: dict[str, Any], path: Path) -> tuple[BackboneSpec, str]:
+    """The backbone spec and the "weights" ("full" or "heads_only") of a config.json; warn about unknown keys."""
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        warnings.warn(f"Ignoring unknown config keys {unknown} (written by a newer dmm_wrap?).", stacklevel=4)
+    require_keys(config, _REQUIRED_KEYS, path)
+    weights = config.get("weights", "full")
+    if weights not in ("full", "heads_only"):
+        raise ValueError(f"{path}: 'weights' must be 'full' or 'heads_only', got {weights!r}.")
+    try:
+        spec = BackboneSpec.from_dict(config["backbone"])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: 'backbone' must be a mapping with 'source' and 'name', got "
+                         f"{config['backbone']!r}.") from err
+    return spec, weights
+
+
 def _vocabulary(value: Any, path: Path) -> dict[str, list[str]] | None:
     """The "vocabulary" of a config.json: None, or {column: [label, ...]}."""
     if value is None:
@@ -579,39 +314,6 @@ def _vocabulary(value: Any, path: Path) -> dict[str, list[str]] | None:
         raise ValueError(f"{path}: 'vocabulary' must be null or a mapping of column names to lists of labels, got "
                          f"{value!r}.")
     return {k: list(v) for k, v in value.items()}
-
-
-def _compiling() -> bool:
-    """Whether torch.compile (dynamo) or torch.export is tracing the current call."""
-    check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3; it is also True under torch.export
-    return bool(check()) if check is not None else bool(torch._dynamo.is_compiling())
-
-
-def _pretrained_backbone(spec: BackboneSpec) -> nn.Module:
-    """Rebuild the pinned backbone of a heads-only save, with its pretrained weights (a download)."""
-    if spec.source == "custom":
-        raise ValueError(
-            f"This save holds only the heads, and its backbone is a custom {spec.name} module: rebuild it with the "
-            "weights it was trained with and pass it as from_pretrained(..., backbone=module)."
-        )
-    from .pretrained import DIGITS_ENCODER_TAG, load_digits_encoder
-
-    if spec.pretrained_tag == DIGITS_ENCODER_TAG:
-        return load_digits_encoder()  # shipped with the package, nothing to download
-    if not spec.pretrained_tag:
-        raise ValueError(
-            f"This save holds only the heads, but its {spec.source}:{spec.name} backbone has no pretrained tag to "
-            "rebuild it from; pass the backbone it was trained with as from_pretrained(..., backbone=module)."
-        )
-    try:
-        return create_backbone(f"{spec.source}:{spec.name}", pretrained=spec.pretrained_tag, **spec.kwargs)
-    except Exception as err:  # noqa: BLE001 - download errors come from timm, torch.hub, urllib, huggingface_hub
-        raise OSError(
-            f"This save holds only the heads; rebuilding its backbone {spec.source}:{spec.name} with the pretrained "
-            f"weights {spec.pretrained_tag!r} needs network access (or those weights in the timm / torch cache) and "
-            f"failed ({type(err).__name__}: {err}). Pass the backbone yourself: from_pretrained(..., "
-            f"backbone=create_backbone('{spec.source}:{spec.name}', pretrained='{spec.pretrained_tag}'))."
-        ) from err
 
 
 def _warn_if_other_backbone(backbone: nn.Module, spec: BackboneSpec) -> None:

@@ -35,8 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dmm_wrap.backbones import create_backbone
-from dmm_wrap.data import NUM_DIGIT_CLASSES, SyntheticDigits
-from dmm_wrap.hooks import FeatureExtractor
+from dmm_wrap.apps.digits import NUM_DIGIT_CLASSES, SyntheticDigits
+from dmm_wrap.core.hooks import FeatureExtractor
 
 WEIGHTS_NAME = "digits_test_resnet.safetensors"
 CHECKSUM_NAME = "digits_test_resnet.sha256"

@@ -1,4 +1,4 @@
-"""The piecewise-alignment target (dmm_wrap.alignment) and its term in training."""
+"""The piecewise-alignment target (dmm_wrap.core.alignment) and its term in training."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sklearn.neural_network import MLPClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from dmm_wrap import Attribute, DebiasedEncoder, FitConfig
-from dmm_wrap.alignment import PiecewiseAlignment, _gaussian_map, fit_alignment
+from dmm_wrap.core.alignment import PiecewiseAlignment, _gaussian_map, fit_alignment
 
 GROUP = (Attribute("group", "categorical", 3),)
 

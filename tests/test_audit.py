@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_site_problem
 from dmm_wrap import Attribute, AuditConfig, AuditReport, DebiasedEncoder, audit
-from dmm_wrap.evaluate import EvalConfig
+from dmm_wrap.config import EvalConfig
 
 ATTRS = [Attribute("site", "categorical", 3), Attribute("tilt", "continuous")]
 # (32,) hidden units with 100 iterations stopped early on the rings below, at chance: a probe too weak to find the

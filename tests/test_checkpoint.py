@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 from conftest import loader_of, make_site_problem, max_abs_diff
 from dmm_wrap import Attribute, DebiasedEncoder
-from dmm_wrap.checkpoint import Checkpointer, capture_rng, restore_rng
-from dmm_wrap.cli import main
+from dmm_wrap.train.checkpoint import Checkpointer, capture_rng, restore_rng
+from dmm_wrap.apps.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "resumable_fit.py"
@@ -234,7 +234,7 @@ def test_resume_errors_and_fresh_runs(tmp_path: Path) -> None:
 
 
 def test_other_process_count_and_failed_writes_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmm_wrap import trainer
+    from dmm_wrap.train import resume as trainer
 
     with monkeypatch.context() as m:
         m.setattr(trainer, "world_size", lambda: 2)  # the checkpoint records 2 processes

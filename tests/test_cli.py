@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from dmm_wrap import DebiasedEncoder
-from dmm_wrap.cli import COMMANDS, Command, build_parser, main
-from dmm_wrap.evaluate import Metrics
-from dmm_wrap.run_config import OPTION_KEYS, load_run_config
+from dmm_wrap.apps.cli import COMMANDS, Command, build_parser, main
+from dmm_wrap.apps.evaluate import Metrics
+from dmm_wrap.apps.run_config import OPTION_KEYS, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "synthetic_digits.yaml")
@@ -51,8 +51,8 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Ten
 
 
 def test_smoke_run_writes_every_output(smoke_run: tuple[Path, torch.Tensor], capsys: pytest.CaptureFixture) -> None:
-    from dmm_wrap.evaluate import check_targets
-    from dmm_wrap.report import format_targets
+    from dmm_wrap.apps.targets import check_targets
+    from dmm_wrap.apps.report import format_targets
 
     out, _ = smoke_run
     for name in ("metrics.json", "report.md", "tsne.png", "training_curves.png", "history.json", "config.yaml",
@@ -142,7 +142,7 @@ def test_options_map_to_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     seen = {}
 
     def fake_run(args: argparse.Namespace) -> int:
-        from dmm_wrap.cli import _overrides
+        from dmm_wrap.apps.commands import config_overrides as _overrides
 
         seen["cfg"] = load_run_config(args.config, _overrides(args))
         return 0
@@ -181,14 +181,14 @@ def test_resume_and_overwrite_together_exit_2(tmp_path: Path, capsys: pytest.Cap
 BUG_INJECTION = """
 import runpy
 
-import dmm_wrap.cli
+import dmm_wrap.apps.commands
 
 
 def broken(*args, **kwargs):
     raise ValueError("injected bug")
 
 
-dmm_wrap.cli.build_data = broken
+dmm_wrap.apps.commands.build_data = broken
 runpy.run_module("dmm_wrap", run_name="__main__", alter_sys=True)
 """
 """`python -c BUG_INJECTION ARGS...` is `python -m dmm_wrap ARGS...` with a bug in the data loading of `fit`."""
@@ -196,7 +196,7 @@ runpy.run_module("dmm_wrap", run_name="__main__", alter_sys=True)
 
 def test_user_errors_exit_2_in_one_line_but_bugs_show_their_traceback(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import dmm_wrap.cli
+    import dmm_wrap.apps.commands
     from dmm_wrap.config import ConfigError
 
     monkeypatch.delenv("DMM_WRAP_TRACEBACK", raising=False)
@@ -213,7 +213,7 @@ def test_user_errors_exit_2_in_one_line_but_bugs_show_their_traceback(tmp_path: 
         def broken(*args: object, error: Exception = error, **kwargs: object) -> None:
             raise error
 
-        monkeypatch.setattr(dmm_wrap.cli, "build_data", broken)
+        monkeypatch.setattr(dmm_wrap.apps.commands, "build_data", broken)
         if isinstance(error, ConfigError):  # control: the patched function is on fit's path, and this is the user's
             assert main(fit) == 2 and capsys.readouterr().err == "dmm-wrap: error: data.root: injected\n"
             continue
@@ -264,8 +264,8 @@ def test_image_csv_model_records_the_preprocessing_it_was_trained_with(tmp_path:
     import numpy as np
     from PIL import Image
 
-    from dmm_wrap.cli import build_data, build_model, run_preprocessing
-    from dmm_wrap.run_config import load_run_config
+    from dmm_wrap.apps.cli import build_data, build_model, run_preprocessing
+    from dmm_wrap.apps.run_config import load_run_config
 
     rows = ["path,site"]
     for i in range(4):
@@ -290,7 +290,8 @@ def test_image_csv_eval_split_and_saved_model_use_the_training_vocabulary(tmp_pa
     import numpy as np
     from PIL import Image
 
-    import dmm_wrap.cli
+    import dmm_wrap.apps.cli
+    import dmm_wrap.apps.commands
     from dmm_wrap.data import ImageCSVDataset
 
     rng = np.random.default_rng(0)
@@ -313,14 +314,14 @@ def test_image_csv_eval_split_and_saved_model_use_the_training_vocabulary(tmp_pa
     write_csv("train", ["A", "B", "C"] * 4)
     write_csv("test", ["C", "B", "C", "B"])
     write_csv("unseen", ["B", "D", "C"])
-    loaded: list[dmm_wrap.cli.RunData] = []
-    build_data = dmm_wrap.cli.build_data
+    loaded: list[dmm_wrap.apps.cli.RunData] = []
+    build_data = dmm_wrap.apps.cli.build_data
 
-    def recording(*args: object, **kwargs: object) -> dmm_wrap.cli.RunData:
+    def recording(*args: object, **kwargs: object) -> dmm_wrap.apps.cli.RunData:
         loaded.append(build_data(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(dmm_wrap.cli, "build_data", recording)
+    monkeypatch.setattr(dmm_wrap.apps.commands, "build_data", recording)
     out = tmp_path / "out"
     fast = ["--set", "fit.stats_batches=2", "--set", "fit.progress=false", "--set", "eval.tsne_samples=0"]
     assert main(["fit", write_config("fit.yaml", "train.csv", "test.csv"), "--max-steps", "3",
@@ -419,7 +420,7 @@ def test_sweep_writes_one_run_per_value_and_the_figure(tmp_path: Path, capsys: p
     assert data["runs"][0]["methods"]["raw"] == data["runs"][1]["methods"]["raw"]
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| lam=0.2 " in capsys.readouterr().out
-    from dmm_wrap.sweep import Sweep
+    from dmm_wrap.apps.sweep import Sweep
 
     assert Sweep.from_dict(data).to_dict() == data
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dmm_wrap.estimators import CategoricalCLUB, GaussianCLUB
+from dmm_wrap.core.estimators import CategoricalCLUB, GaussianCLUB
 
 
 def _fit_q(q: torch.nn.Module, z: torch.Tensor, b: torch.Tensor, steps: int = 400) -> None:

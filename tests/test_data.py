@@ -15,9 +15,9 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
 from dmm_wrap import Attribute
-from dmm_wrap.data import (CAMELYON17_ATTRIBUTES, NUM_DIGIT_CLASSES, SYNTHETIC_ATTRIBUTES, Camelyon17Patches,
-                           ImageCSVDataset, SyntheticDigits, camelyon17, source_indices)
-from dmm_wrap.trainer import attrs_tensor
+from dmm_wrap.apps.digits import NUM_DIGIT_CLASSES, SYNTHETIC_ATTRIBUTES, SyntheticDigits, source_indices
+from dmm_wrap.data import CAMELYON17_ATTRIBUTES, Camelyon17Patches, ImageCSVDataset, camelyon17
+from dmm_wrap.data.batches import attrs_tensor
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import max_abs_diff
-from dmm_wrap.data import SyntheticDigits
+from dmm_wrap.apps.digits import SyntheticDigits
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_fit.py"
@@ -207,7 +207,7 @@ def test_unsharded_loader_warns_and_cuda_without_gpu_is_refused(monkeypatch: pyt
 def test_pair_sums_of_the_halves_give_the_whole_batch_club() -> None:
     """What each rank computes with the summed pair sums, averaged over 2 ranks, is the global batch's CLUB."""
     from dmm_wrap import Attribute, HeadConfig
-    from dmm_wrap.objective import DeepMinMax
+    from dmm_wrap.core.objective import DeepMinMax
 
     torch.manual_seed(0)
     heads = DeepMinMax(6, (Attribute("site", "categorical", 3), Attribute("level", "continuous")), HeadConfig())

@@ -14,9 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_site_problem
 from dmm_wrap import Attribute, DebiasedEncoder
-from dmm_wrap.evaluate import (EvalConfig, FeatureSet, Leakage, MethodMetrics, Metrics, check_targets,
-                               compare_methods, evaluate, extract_features, fit_leace)
-from dmm_wrap.report import format_table, render_report
+from dmm_wrap.apps.evaluate import (FeatureSet, Leakage, MethodMetrics, Metrics, compare_methods, evaluate,
+                                    extract_features, fit_leace)
+from dmm_wrap.apps.report import format_table, render_report
+from dmm_wrap.apps.targets import check_targets
+from dmm_wrap.config import EvalConfig
 
 ATTRS = [Attribute("site", "categorical", 3), Attribute("tilt", "continuous")]
 FAST = EvalConfig(mlp_hidden=(32,), mlp_max_iter=100, tsne_samples=0)
@@ -150,7 +152,7 @@ def test_report_says_met_and_not_met() -> None:
 
 
 def test_probe_survives_a_class_seen_once() -> None:
-    from dmm_wrap.evaluate import attribute_leakage
+    from dmm_wrap.apps.evaluate import attribute_leakage
 
     rng = np.random.default_rng(0)
     b = np.r_[np.zeros(60), np.ones(59), 2.0]  # class 2 has a single training sample

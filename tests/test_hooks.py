@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dmm_wrap import Attribute, DebiasedEncoder, create_backbone
-from dmm_wrap.hooks import FeatureExtractor, pool
+from dmm_wrap.core.hooks import FeatureExtractor, pool
 
 ATTRS = [Attribute("site", "categorical", 3)]
 

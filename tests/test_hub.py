@@ -24,7 +24,7 @@ from torch import nn
 from conftest import loader_of
 from dmm_wrap import Attribute, DebiasedEncoder, create_backbone
 from dmm_wrap.backbones import BackboneSpec, build_backbone, describe_backbone, tag_backbone
-from dmm_wrap.hub import push_folder_to_hub
+from dmm_wrap.io.hub import push_folder_to_hub
 from dmm_wrap.inference import Preprocessing
 
 SITE = [Attribute("site", "categorical", 3)]
@@ -226,7 +226,7 @@ def test_heads_only_torchvision_needs_a_tag_and_says_network(tmp_path, monkeypat
         calls.append((name, pretrained))
         raise OSError("no network")
 
-    monkeypatch.setattr("dmm_wrap.model.create_backbone", offline_create_backbone)
+    monkeypatch.setattr("dmm_wrap.backbones.create_backbone", offline_create_backbone)
     with pytest.raises(OSError, match=r"needs network access.*Pass the backbone yourself"):
         DebiasedEncoder.from_pretrained(tmp_path / "h")
     assert calls == [("torchvision:resnet18", "ResNet18_Weights.IMAGENET1K_V1")]
@@ -304,7 +304,7 @@ def test_nothing_created_when_saving_fails(trained, tmp_path, monkeypatch) -> No
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("dmm_wrap.model.save_weights", disk_full)
+    monkeypatch.setattr("dmm_wrap.io.hub_mixin.save_weights", disk_full)
     with pytest.raises(OSError, match="No space left"):
         enc.push_to_hub("org/m", api=fake)
     monkeypatch.setattr(DebiasedEncoder, "save_pretrained", disk_full)
@@ -459,7 +459,7 @@ def test_corrupt_weights_name_the_file(saved, damage: str) -> None:
 
 
 def test_cli_push_uploads_the_run_model_with_its_metrics(trained, tmp_path, monkeypatch, capsys) -> None:
-    from dmm_wrap.cli import main
+    from dmm_wrap.apps.cli import main
 
     enc, _, _ = trained
     run = tmp_path / "run"

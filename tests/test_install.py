@@ -47,7 +47,7 @@ BASE_INSTALL = textwrap.dedent("""
     else:
         raise SystemExit("the finder did not hide matplotlib")
 
-    from dmm_wrap.cli import main
+    from dmm_wrap.apps.cli import main
 
     status = main(sys.argv[2:])
     leaked = sorted({n.split(".")[0] for n in sys.modules} & HIDDEN)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dmm_wrap import Attribute
-from dmm_wrap.matching import group_ids, quantile_w2, random_directions, sliced_group_discrepancy
+from dmm_wrap.core.matching import group_ids, quantile_w2, random_directions, sliced_group_discrepancy
 
 CAT = (Attribute("site", "categorical", 2),)
 

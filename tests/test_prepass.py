@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from conftest import loader_of, make_site_problem
 from dmm_wrap import Attribute, DebiasedEncoder, FitConfig
-from dmm_wrap.trainer import PrePass, RunningMoments
+from dmm_wrap.train.prepass import PrePass, RunningMoments
 
 SITE = [Attribute("site", "categorical", 3)]
 BATCHES = 5

@@ -19,9 +19,9 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from dmm_wrap.backbones import create_backbone, describe_backbone
-from dmm_wrap.data import SyntheticDigits
-from dmm_wrap.hooks import FeatureExtractor
-from dmm_wrap.pretrained import (DIGITS_ENCODER_LAYER, DIGITS_ENCODER_WEIGHTS, DIGITS_IMAGE_SIZE, digits_encoder_spec,
+from dmm_wrap.apps.digits import SyntheticDigits
+from dmm_wrap.core.hooks import FeatureExtractor
+from dmm_wrap.apps.pretrained import (DIGITS_ENCODER_LAYER, DIGITS_ENCODER_WEIGHTS, DIGITS_IMAGE_SIZE, digits_encoder_spec,
                                  load_digits_encoder)
 
 

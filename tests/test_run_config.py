@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dmm_wrap.config import Attribute, HeadConfig
-from dmm_wrap.run_config import (OPTION_KEYS, ConfigError, RunConfig, apply_overrides, load_run_config,
+from dmm_wrap.apps.run_config import (OPTION_KEYS, ConfigError, RunConfig, apply_overrides, load_run_config,
                                  parse_override, read_yaml, write_run_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -77,7 +77,7 @@ def test_yaml_and_dataclass_type_checks_agree(section: str, cls: str, key: str, 
 
 
 def test_run_sections_check_their_own_types() -> None:
-    from dmm_wrap.run_config import DataConfig, ModelConfig
+    from dmm_wrap.apps.run_config import DataConfig, ModelConfig
 
     with pytest.raises(ConfigError, match=r"^DataConfig\.batch_size: expected int, got str '8'\.$"):
         DataConfig(batch_size="8")

@@ -22,10 +22,10 @@ from torch import nn
 
 from conftest import make_site_problem, max_abs_diff
 from dmm_wrap import Attribute, DebiasedEncoder, FitConfig, TrainingInterrupted
-from dmm_wrap.checkpoint import CHECKPOINT_FORMAT, Checkpointer, _digest
-from dmm_wrap.cli import main
-from dmm_wrap.hub import push_folder_to_hub
-from dmm_wrap.serialization import WEIGHTS_NAME, file_sha256
+from dmm_wrap.train.checkpoint import CHECKPOINT_FORMAT, Checkpointer, _digest
+from dmm_wrap.apps.cli import main
+from dmm_wrap.io.hub import push_folder_to_hub
+from dmm_wrap.io.serialization import WEIGHTS_NAME, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "synthetic_digits.yaml")
@@ -201,10 +201,10 @@ def test_cli_outputs_are_moved_into_place_whole(cli_run) -> None:
 
 
 def test_an_interrupted_text_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmm_wrap.evaluate import Metrics
-    from dmm_wrap.serialization import write_text_atomically
-    from dmm_wrap.report import write_report
-    from dmm_wrap.run_config import RunConfig, write_run_config
+    from dmm_wrap.apps.evaluate import Metrics
+    from dmm_wrap.io.serialization import write_text_atomically
+    from dmm_wrap.apps.report import write_report
+    from dmm_wrap.apps.run_config import RunConfig, write_run_config
 
     writers = {"metrics.json": lambda p: Metrics({}, 1.0).write(p),
                "report.md": lambda p: write_report(p, Metrics(), []),  # render_report is replaced below
@@ -216,7 +216,7 @@ def test_an_interrupted_text_write_keeps_the_old_file(tmp_path: Path, monkeypatc
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("dmm_wrap.report.render_report", lambda *args: "new\n")
+    monkeypatch.setattr("dmm_wrap.apps.report.render_report", lambda *args: "new\n")
     monkeypatch.setattr(os, "fsync", disk_full)
     for name, write in writers.items():
         with pytest.raises(OSError, match="No space left"):
@@ -232,7 +232,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_temp_folders_of_killed_saves_are_cleaned(tmp_path: Path) -> None:
-    from dmm_wrap.serialization import _host_tag
+    from dmm_wrap.io.serialization import _host_tag
 
     host = _host_tag()
     stale = [f".model.tmp-{host}-{_dead_pid()}-abcd1234", f".other.tmp-{host}-{_dead_pid()}-x_z9abcd",
@@ -254,7 +254,7 @@ def test_stale_temp_folders_of_killed_saves_are_cleaned(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- 5. permissions without os.umask
 def test_saved_files_get_the_umask_mode_without_calling_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmm_wrap.serialization import write_text_atomically
+    from dmm_wrap.io.serialization import write_text_atomically
 
     previous = os.umask(0o027)
     try:

@@ -22,7 +22,7 @@ from conftest import make_site_problem  # noqa: E402
 
 from dmm_wrap import Attribute, DebiasedEncoder  # noqa: E402
 from dmm_wrap import distributed  # noqa: E402
-from dmm_wrap.checkpoint import TrainingInterrupted  # noqa: E402
+from dmm_wrap.train.checkpoint import TrainingInterrupted  # noqa: E402
 from gate import Gate  # noqa: E402  (tests/scripts/gate.py, beside this script)
 
 
@@ -41,7 +41,7 @@ class NoisyData(Dataset):
 
 def _record_alignment_rounds(out: Path) -> None:
     """Save each rank's alignment target after every round (OUT/align-rank<r>-<round>.safetensors)."""
-    from dmm_wrap import trainer
+    from dmm_wrap.train import aligning as trainer
 
     refit, rounds = trainer.refit_alignment, [0]
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_site_problem  # noqa: E402
 
 from dmm_wrap import Attribute, DebiasedEncoder  # noqa: E402
-from dmm_wrap.checkpoint import TrainingInterrupted  # noqa: E402
+from dmm_wrap.train.checkpoint import TrainingInterrupted  # noqa: E402
 from gate import Gate  # noqa: E402  (tests/scripts/gate.py, beside this script)
 
 STATS_BATCHES = 3

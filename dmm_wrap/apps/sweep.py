@@ -16,10 +16,10 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from ..config import ConfigError
+from ..io.serialization import write_atomically
 from .evaluate import Metrics
 from .report import METHOD_TITLES, markdown_table, plot_tradeoff
-from .run_config import ConfigError
-from .serialization import write_atomically
 
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
@@ -133,6 +133,7 @@ class Sweep:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Sweep:
+        """Read back `to_dict()` (e.g. `json.load` of a sweep.json)."""
         runs = [SweepRun(r["value"], r["output_dir"], Metrics.from_dict(r)) for r in d["runs"]]
         return cls(d["key"], tuple(d["values"]), runs, float(d["wall_seconds"]))
 

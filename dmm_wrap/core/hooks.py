@@ -8,10 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .config import Pooling
+from ..config import Pooling
 
 
 class _StopForward(BaseException):
@@ -155,7 +154,7 @@ class FeatureExtractor(nn.Module):
         return pool(self.raw(x), self.pool, self.channels_last)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
-        # Frozen means frozen: BatchNorm statistics and dropout stay in inference behaviour.
+        """Stay in eval mode whatever `mode`: frozen means frozen (BatchNorm statistics, dropout)."""
         super().train(False)
         return self
 

@@ -4,7 +4,7 @@ Features are extracted batch by batch and only the evaluation sets are held in m
 train features and scored on held-out test features, so leakage means "B can be decoded from features the probe
 never saw", not "the probe can memorise B". Categorical leakage is balanced accuracy (chance 1/K whatever the class
 frequencies), continuous leakage R^2 (0 for the mean). The probes and the verdict rule here are shared with the
-user-facing leakage audit (`dmm_wrap.leakage`).
+user-facing leakage audit (`dmm_wrap.apps.leakage`).
 """
 
 from __future__ import annotations
@@ -28,79 +28,17 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .config import Attribute, check_fields
-from .model import DebiasedEncoder
-from .serialization import WEIGHTS_SHA_KEY, write_text_atomically
-from .trainer import attrs_tensor, split_batch
+from ..config import Attribute, EvalConfig
+from ..data.batches import attrs_tensor, split_batch
+from ..io.serialization import WEIGHTS_SHA_KEY, write_text_atomically
+from ..model import DebiasedEncoder
+from .targets import CHANCE_MARGIN, MAX_R2
 
 Method = Literal["raw", "leace", "dmm"]
 LeakageMetric = Literal["balanced_accuracy", "r2"]
 
 METHODS: tuple[Method, ...] = ("raw", "leace", "dmm")
 """Evaluated feature sets, in report order: raw Z, LEACE-erased Z, DeepMinMax Z~."""
-
-TASK_GAIN = 0.02
-"""Target: DeepMinMax task accuracy at least raw + TASK_GAIN (and at least LEACE's)."""
-MAX_R2 = 0.10
-"""Target: MLP-probe R^2 of every continuous attribute on Z~ at most this."""
-CHANCE_MARGIN = 0.05
-"""Target: MLP-probe balanced accuracy of every categorical attribute on Z~ at most chance + this."""
-SMOKE_STEPS = 100
-"""A run with fit.max_steps below this is a smoke run, evaluated on at most `EvalConfig.smoke_samples` samples."""
-
-
-@dataclass
-class EvalConfig:
-    """Settings of the evaluation probes; not saved with the weights."""
-
-    mlp_hidden: tuple[int, ...] = (128, 128)
-    """Hidden layer sizes of the MLP leakage probes."""
-
-    mlp_max_iter: int = 200
-    """Maximum epochs of each MLP probe; early stopping on a 10% validation split usually ends it sooner."""
-
-    linear_max_iter: int = 1000
-    """Maximum iterations of the logistic regressions (task classifier and categorical linear probes)."""
-
-    ridge_alpha: float = 1.0
-    """L2 penalty of the Ridge linear probe of continuous attributes (on standardised features)."""
-
-    seed: int = 0
-    """random_state of every probe and of the t-SNE subsample."""
-
-    leace: bool = True
-    """Also evaluate LEACE-erased raw features (needs the `concept-erasure` package)."""
-
-    max_samples: int | None = None
-    """Use at most this many train and this many test samples (the first ones each loader yields); None = all."""
-
-    smoke_samples: int = 512
-    """Cap on `max_samples` in a smoke run (fit.max_steps below SMOKE_STEPS = 100), so that checking the pipeline
-    end to end stays fast: probing a barely trained head on thousands of samples measures nothing."""
-
-    tsne_samples: int = 1000
-    """Test samples embedded by t-SNE for the figure (at most); 0 skips the t-SNE figure."""
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if not self.mlp_hidden or any(not isinstance(h, int) or h < 1 for h in self.mlp_hidden):
-            raise ValueError(f"EvalConfig.mlp_hidden must be a non-empty list of ints >= 1, got {self.mlp_hidden!r}.")
-        self.mlp_hidden = tuple(self.mlp_hidden)
-        for key in ("mlp_max_iter", "linear_max_iter", "smoke_samples"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"EvalConfig.{key} must be >= 1, got {getattr(self, key)!r}.")
-        if self.max_samples is not None and self.max_samples < 10:
-            raise ValueError(f"EvalConfig.max_samples must be None or >= 10, got {self.max_samples!r}.")
-        if self.tsne_samples < 0:
-            raise ValueError(f"EvalConfig.tsne_samples must be >= 0, got {self.tsne_samples!r}.")
-        if not self.ridge_alpha >= 0:
-            raise ValueError(f"EvalConfig.ridge_alpha must be >= 0, got {self.ridge_alpha!r}.")
-
-    def sample_cap(self, max_steps: int | None) -> int | None:
-        """Samples per split to evaluate on for a run trained with `max_steps` (smoke runs are capped)."""
-        if max_steps is None or max_steps >= SMOKE_STEPS:
-            return self.max_samples
-        return min(self.max_samples or self.smoke_samples, self.smoke_samples)
 
 
 class FeatureSet(NamedTuple):
@@ -164,6 +102,7 @@ class Metrics:
     """sha256 of the model.safetensors evaluated, so that metrics.json is tied to those weights (None: unknown)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """What metrics.json holds (strict JSON)."""
         out = {
             "methods": {
                 name: {
@@ -181,6 +120,7 @@ class Metrics:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Metrics:
+        """Read back `to_dict()` (e.g. `json.load` of a metrics.json)."""
         methods = {
             name: MethodMetrics(m["task_accuracy"], {attr: Leakage(**lk) for attr, lk in m["leakage"].items()})
             for name, m in d["methods"].items()
@@ -190,17 +130,6 @@ class Metrics:
     def write(self, path: str | os.PathLike) -> Path:
         """Write metrics.json (strict JSON: no NaN), atomically."""
         return write_text_atomically(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-
-
-class TargetRow(NamedTuple):
-    """One target of the issue, checked against a measurement."""
-
-    name: str
-    """What is compared, with its direction, e.g. "dmm task accuracy >= raw + 0.02"."""
-    measured: float
-    target: float
-    """The threshold the measurement is compared with."""
-    met: bool
 
 
 class Collected(NamedTuple):
@@ -427,34 +356,6 @@ def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterab
     return Metrics(methods, time.perf_counter() - start)
 
 
-# --------------------------------------------------------------------------- targets
-def check_targets(metrics: Metrics) -> list[TargetRow]:
-    """Compare DeepMinMax against the issue's targets.
-
-    Task: dmm accuracy >= raw + TASK_GAIN and >= LEACE's. Leakage by the MLP probe on Z~ (`Leakage.removed`):
-    R^2 <= MAX_R2 for continuous attributes, balanced accuracy <= chance + CHANCE_MARGIN for categorical ones.
-    """
-    rows: list[TargetRow] = []
-    dmm = metrics.methods.get("dmm")
-    if dmm is None:
-        return rows
-    raw, leace = metrics.methods.get("raw"), metrics.methods.get("leace")
-    if dmm.task_accuracy is not None:
-        if raw is not None and raw.task_accuracy is not None:
-            target = raw.task_accuracy + TASK_GAIN
-            rows.append(TargetRow(f"dmm task accuracy >= raw + {TASK_GAIN:g}", dmm.task_accuracy, target,
-                                  dmm.task_accuracy >= target))
-        if leace is not None and leace.task_accuracy is not None:
-            rows.append(TargetRow("dmm task accuracy >= leace", dmm.task_accuracy, leace.task_accuracy,
-                                  dmm.task_accuracy >= leace.task_accuracy))
-    for name, lk in dmm.leakage.items():
-        what = f"R2 of {name} <= {MAX_R2:g}" if lk.metric == "r2" else \
-            f"balanced accuracy of {name} <= chance + {CHANCE_MARGIN:g}"
-        rows.append(TargetRow(f"dmm MLP-probe {what}", lk.mlp, lk.threshold(), lk.removed()))
-    return rows
-
-
-__all__ = ["EvalConfig", "FeatureSet", "Collected", "Leakage", "MethodMetrics", "Metrics", "TargetRow", "METHODS",
-           "CHANCE_MARGIN", "MAX_R2", "collect_batches", "extract_features", "encode_attributes", "fit_leace",
-           "apply_eraser", "task_accuracy", "attribute_leakage", "probe_leakage", "compare_methods", "evaluate",
-           "check_targets"]
+__all__ = ["EvalConfig", "FeatureSet", "Collected", "Leakage", "MethodMetrics", "Metrics", "METHODS", "collect_batches",
+           "extract_features", "encode_attributes", "fit_leace", "apply_eraser", "task_accuracy", "attribute_leakage",
+           "probe_leakage", "compare_methods", "evaluate"]

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .config import Attribute
+from ..config import Attribute
 
 
 def random_directions(dim: int, count: int, seed: int, device: torch.device) -> Tensor:
@@ -29,8 +29,10 @@ def random_directions(dim: int, count: int, seed: int, device: torch.device) -> 
 
 
 def group_ids(b: Tensor, attributes: tuple[Attribute, ...], bins: int) -> list[Tensor]:
-    """Per attribute, the group of every sample [N] (long): its class id, or its quantile bin (0..bins-1) in the batch
-    for a continuous attribute."""
+    """Per attribute, the group of every sample [N] (long).
+
+    That is its class id, or for a continuous attribute its quantile bin (0..bins-1) in the batch.
+    """
     ids = []
     for k, a in enumerate(attributes):
         col = b[:, k]
@@ -43,8 +45,10 @@ def group_ids(b: Tensor, attributes: tuple[Attribute, ...], bins: int) -> list[T
 
 
 def quantile_w2(values: Tensor, sorted_pool: Tensor) -> Tensor:
-    """Squared 1-D Wasserstein distance, per column, between the samples `values` [n, P] and the sorted samples
-    `sorted_pool` [m, P]: the pool's quantile function is interpolated at the n mid-point levels of `values`."""
+    """Squared 1-D Wasserstein distance, per column, between samples `values` [n, P] and sorted `sorted_pool` [m, P].
+
+    The pool's quantile function is interpolated at the n mid-point levels of `values`.
+    """
     n, m = values.shape[0], sorted_pool.shape[0]
     levels = (torch.arange(n, device=values.device, dtype=values.dtype) + 0.5) * (m / n) - 0.5
     lo = levels.floor().clamp(0, m - 1)
@@ -78,10 +82,12 @@ def sliced_group_discrepancy(projected: Tensor, groups: list[Tensor], dim: int) 
 
 
 def neighbour_mixing(z: Tensor, groups: list[Tensor], k: int = 8) -> Tensor:
-    """Mean over attributes and samples of KL(pi || p_i): p_i is the group mix of sample i's soft neighbours in the
-    batch (a Gaussian kernel whose width is the mean squared distance to the k-th neighbour, self excluded) and pi
-    the batch's group mix. Zero when every neighbourhood is mixed like the batch, at the scale of k neighbours: the
-    local, non-parametric counterpart of a probe, with nothing to fool."""
+    """Mean over attributes and samples of KL(pi || p_i), pi the batch's group mix, p_i sample i's neighbours' mix.
+
+    The neighbours are soft: a Gaussian kernel whose width is the mean squared distance to the k-th neighbour, self
+    excluded. Zero when every neighbourhood is mixed like the batch, at the scale of k neighbours: the local,
+    non-parametric counterpart of a probe, with nothing to fool.
+    """
     n = z.shape[0]
     d2 = torch.cdist(z, z).square()
     d2 = d2 + torch.diag(torch.full((n,), float("inf"), device=z.device, dtype=z.dtype))
@@ -98,8 +104,7 @@ def neighbour_mixing(z: Tensor, groups: list[Tensor], k: int = 8) -> Tensor:
 
 
 def directions_seed(seed: int, step: int) -> int:
-    """The seed of step `step`'s directions: fresh directions every step, reproducible on resume and equal on every
-    data-parallel rank."""
+    """The seed of step `step`'s directions: fresh every step, reproducible on resume, equal on every rank."""
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 

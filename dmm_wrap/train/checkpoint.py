@@ -31,16 +31,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
-from .serialization import write_bytes_atomically
+from ..config import ConfigError
+from ..io.serialization import write_bytes_atomically
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT / SIGTERM at a step boundary. The model keeps the heads of the last complete step
-    (save them with save_pretrained); with checkpoint_dir a checkpoint of that step was written (resume continues).
+    """Training stopped on SIGINT / SIGTERM at a step boundary.
+
+    The model keeps the heads of the last complete step (save them with save_pretrained); with checkpoint_dir a
+    checkpoint of that step was written (resume continues).
 
     Example:
         >>> try:
@@ -172,8 +174,10 @@ def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[st
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Tensor]]) -> None:
-    """Load per-parameter state (Adam's moments and step) into `optimizer`, keeping its current param_groups
-    (so a learning rate changed in the config applies on resume)."""
+    """Load per-parameter state (Adam's moments and step) into `optimizer`, keeping its current param_groups.
+
+    A learning rate changed in the config thus applies on resume.
+    """
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
@@ -216,8 +220,11 @@ class Checkpointer:
         return [p for _, p in sorted(found, reverse=True)]
 
     def replace_earlier_run(self) -> int:
-        """Mark the checkpoints already in the folder as an earlier run's: the first `save` of this run deletes
-        them (so a later resume cannot pick one of them up), and until then they stay resumable. Returns how many."""
+        """Mark the checkpoints already in the folder as an earlier run's; returns how many.
+
+        The first `save` of this run deletes them (so a later resume cannot pick one of them up), and until then they
+        stay resumable.
+        """
         self._earlier = self.paths()
         return len(self._earlier)
 
@@ -254,8 +261,11 @@ class Checkpointer:
 
     @staticmethod
     def read(path: Path) -> Checkpoint:
-        """Read one checkpoint. A truncated, corrupted or foreign file raises CheckpointCorrupted, one written by a
-        newer dmm_wrap CheckpointTooNew (both ValueErrors naming it); an OSError of the read is raised as it is."""
+        """Read one checkpoint.
+
+        A truncated, corrupted or foreign file raises CheckpointCorrupted, one written by a newer dmm_wrap
+        CheckpointTooNew (both ValueErrors naming it); an OSError of the read is raised as it is.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load
 

@@ -44,6 +44,7 @@ class Residual(nn.Module):
         self.body = body
 
     def forward(self, x: Tensor) -> Tensor:
+        """x + body(x)."""
         return x + self.body(x)
 
 
@@ -117,11 +118,13 @@ class GaussianCLUB(nn.Module):
         """Length of `pair_sums`."""
 
     def params(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and bounded log-variance of q(b | z), each [N]."""
         mu = self.mu(z).squeeze(-1)
         logvar = bounded(self.logvar(z).squeeze(-1), self.logvar_min, self.logvar_max)
         return mu, logvar
 
     def nll(self, z: Tensor, b: Tensor) -> Tensor:
+        """Negative log-likelihood of q on (z, b): the loss that fits q."""
         mu, logvar = self.params(z)
         return 0.5 * ((b - mu) ** 2 / logvar.exp() + logvar + _LOG_2PI).mean()
 
@@ -130,8 +133,10 @@ class GaussianCLUB(nn.Module):
         return torch.stack([b.sum(), (b * b).sum()]).float()
 
     def club_terms(self, z: Tensor, b: Tensor, sums: Tensor | None = None, n: Tensor | int | None = None) -> Tensor:
-        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i); `sums` / `n` as for the categorical
-        estimator (default: this batch)."""
+        """Per-sample CLUB terms log q(b_i | z~_i) - mean_j log q(b_j | z~_i).
+
+        `sums` / `n` as for the categorical estimator (default: this batch).
+        """
         mu, logvar = self.params(z)
         if sums is None:
             sums, n = self.pair_sums(b), b.numel()

@@ -2,7 +2,8 @@
 
 It was trained by examples/train_digits_encoder.py on `SyntheticDigits` to classify the digit AND to predict the
 rotation, stroke width and site, so its features hold the sensitive attributes DeepMinMax should remove. The weights
-ship in dmm_wrap/assets/ as safetensors with a sha256 checksum; nothing is downloaded.
+ship in dmm_wrap/assets/ as safetensors with a sha256 checksum; nothing is downloaded. Importing this module registers
+the encoder (`register_pretrained`), so a heads-only save on it loads without a download.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .backbones import BackboneSpec, create_backbone, freeze, tag_backbone
+from ..backbones import BackboneSpec, create_backbone, freeze, register_pretrained, tag_backbone
 
 DIGITS_ENCODER_ARCH = "test_resnet"
 """timm architecture of the digits encoder (373k parameters)."""
@@ -28,7 +29,7 @@ DIGITS_ENCODER_LAYER: str | None = None
 DIGITS_IMAGE_SIZE = 32
 """Side of the square `SyntheticDigits` images the encoder was trained on."""
 
-DIGITS_ENCODER_WEIGHTS = Path(__file__).resolve().parent / "assets" / "digits_test_resnet.safetensors"
+DIGITS_ENCODER_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_test_resnet.safetensors"
 """The shipped weights; their sha256 is in the .sha256 file next to them."""
 
 _REPRODUCE = "python examples/train_digits_encoder.py --out-dir dmm_wrap/assets"
@@ -84,6 +85,10 @@ def load_digits_encoder(weights: str | os.PathLike | None = None, sha256: str | 
         raise ValueError(f"{str(path)!r} does not hold timm {DIGITS_ENCODER_ARCH} weights (num_classes=0): "
                          f"{err}") from err
     return tag_backbone(freeze(model), digits_encoder_spec())
+
+
+# No preprocessing: it was trained on SyntheticDigits tensors, which are generated already normalised.
+register_pretrained(DIGITS_ENCODER_TAG, load_digits_encoder, preprocessing=None)
 
 
 __all__ = ["DIGITS_ENCODER_ARCH", "DIGITS_ENCODER_TAG", "DIGITS_ENCODER_LAYER", "DIGITS_IMAGE_SIZE",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import Attribute
+from ..config import Attribute
 
 MapKind = Literal["full", "diagonal", "shift"]
 AUTO_CLUSTERS = range(2, 13)
@@ -60,6 +60,7 @@ class AlignmentStage(nn.Module):
         """Quantile edges of a continuous attribute's bins (empty: categorical, the class id is the group)."""
 
     def groups_of(self, b: Tensor) -> Tensor:
+        """The group of each attribute value: its class id, or its bin of `edges`."""
         if self.edges.numel() == 0:
             return b.long()
         return torch.bucketize(b.contiguous(), self.edges.to(b.dtype), right=True)
@@ -76,6 +77,7 @@ class AlignmentStage(nn.Module):
         return self.target_mean[g, k] + moved
 
     def forward(self, z: Tensor, b: Tensor) -> Tensor:
+        """The aligned features of samples z [N, D] with this attribute's values b [N]."""
         if self.edges.numel() == 0:
             return self.apply(z, b.long())
         # A continuous attribute: blend the maps of the two bins whose centres enclose b, so that the target moves
@@ -109,6 +111,7 @@ class PiecewiseAlignment(nn.Module):
 
     @torch.no_grad()
     def forward(self, z: Tensor, b: Tensor) -> Tensor:
+        """T(z, b): each attribute's stage on the previous one's output."""
         for k, stage in enumerate(self.stages):
             z = stage(z, b[:, k])
         return z
@@ -128,8 +131,10 @@ class PiecewiseAlignment(nn.Module):
 
 
 class AlignmentTarget(nn.Module):
-    """The training target of h_theta, refitted in rounds: T_r(h_r(z), b), where h_r is a frozen copy of h_theta
-    taken at round r and T_r the alignment fitted on h_r's output for a fixed sample of the stream.
+    """The training target of h_theta, refitted in rounds: T_r(h_r(z), b).
+
+    h_r is a frozen copy of h_theta taken at round r and T_r the alignment fitted on h_r's output for a fixed sample
+    of the stream.
 
     Round 0 aligns Z itself (h_theta starts as the identity with `HeadConfig(residual=True)`). Each later round sees
     what h_theta's distillation of the previous target left of the attribute and aligns that, so the residue shrinks
@@ -152,6 +157,7 @@ class AlignmentTarget(nn.Module):
 
     @torch.no_grad()
     def forward(self, z_std: Tensor, b: Tensor) -> Tensor:
+        """The target of a batch: the alignment of the snapshot's output."""
         return self.alignment(self.snapshot(z_std), b)
 
     @torch.no_grad()

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import Attribute
-from .evaluate import FeatureSet, Metrics, TargetRow
-from .serialization import write_text_atomically
-from .trainer import FitHistory
+from ..config import Attribute
+from ..io.serialization import write_text_atomically
+from ..train.loop import FitHistory
+from .evaluate import FeatureSet, Metrics
+from .targets import CHANCE_MARGIN, MAX_R2, TargetRow
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -241,7 +242,8 @@ def plot_tradeoff(points: Sequence[tuple[str, Metrics]], path: str | os.PathLike
         lk = first.leakage[attr]
         ax.axhline(lk.chance if lk.chance is not None else 0.0, color="0.5", linestyle=":", linewidth=1,
                    label="chance (1/K, or R² 0)")
-        ax.axhline(lk.threshold(), color="C3", linestyle="--", linewidth=1, label="removed at or below")
+        ax.axhline(lk.threshold(CHANCE_MARGIN, MAX_R2), color="C3", linestyle="--", linewidth=1,
+                   label="removed at or below")
         ax.set_xlabel("task accuracy")
         ax.set_ylabel("MLP-probe " + ("R²" if lk.metric == "r2" else "balanced accuracy"))
         ax.set_title(attr, fontsize=10)
@@ -253,5 +255,5 @@ def plot_tradeoff(points: Sequence[tuple[str, Metrics]], path: str | os.PathLike
     return path
 
 
-__all__ = ["format_table", "markdown_table", "format_targets", "render_report", "write_report", "embed_tsne", "plot_tsne",
-           "plot_training_curves", "plot_tradeoff", "METHOD_TITLES"]
+__all__ = ["format_table", "markdown_table", "format_targets", "render_report", "write_report", "embed_tsne",
+           "plot_tsne", "plot_training_curves", "plot_tradeoff", "METHOD_TITLES"]

@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from .config import (Attribute, ConfigError, FitConfig, HeadConfig, MissingFileError, Pooling, check_fields,
-                     check_value, matches)
-from .config import got as _got
-from .config import type_name as _type_name
-from .evaluate import EvalConfig
+from ..config import (Attribute, ConfigError, EvalConfig, FitConfig, HeadConfig, MissingFileError, Pooling,
+                      check_fields, got, validate)
+from ..inference import IMAGENET_MEAN, IMAGENET_STD
+from ..io.serialization import write_text_atomically
 from .leakage import AuditConfig
-from .inference import IMAGENET_MEAN, IMAGENET_STD
-from .serialization import write_text_atomically
 
 DataKind = Literal["synthetic_digits", "image_csv", "camelyon17"]
 
@@ -106,24 +100,26 @@ class DataConfig:
         check_fields(self)
         for key in ("num_train", "num_test", "num_sites", "batch_size"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)!r}.")
+                raise ConfigError(f"DataConfig.{key}: must be >= 1, got {getattr(self, key)!r}.")
         if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers!r}.")
+            raise ConfigError(f"DataConfig.num_workers: must be >= 0, got {self.num_workers!r}.")
         if self.image_size is not None and self.image_size < 8:
-            raise ConfigError(f"data.image_size: must be None or >= 8, got {self.image_size!r}.")
+            raise ConfigError(f"DataConfig.image_size: must be None or >= 8, got {self.image_size!r}.")
         if self.kind == "image_csv":
             for key in ("root", "csv", "test_csv"):
                 if getattr(self, key) is None:
-                    raise ConfigError(f"data.{key}: required when data.kind is 'image_csv'.")
+                    raise ConfigError(f"DataConfig.{key}: required when DataConfig.kind is 'image_csv'.")
             if not self.attributes:
-                raise ConfigError("data.attributes: required when data.kind is 'image_csv', e.g. "
+                raise ConfigError("DataConfig.attributes: required when DataConfig.kind is 'image_csv', e.g. "
                                   "[{name: site, kind: categorical, num_classes: 3}].")
         elif self.attributes:
-            raise ConfigError(f"data.attributes: only for data.kind 'image_csv'; {self.kind!r} defines its own.")
+            raise ConfigError(f"DataConfig.attributes: only for DataConfig.kind 'image_csv'; {self.kind!r} defines "
+                              "its own.")
         if self.kind == "camelyon17" and self.root is None:
-            raise ConfigError("data.root: required when data.kind is 'camelyon17' (the WILDS data folder).")
+            raise ConfigError("DataConfig.root: required when DataConfig.kind is 'camelyon17' (the WILDS data "
+                              "folder).")
         if len(self.mean) != len(self.std):
-            raise ConfigError(f"data.std: needs one value per channel of data.mean ({len(self.mean)}).")
+            raise ConfigError(f"DataConfig.std: needs one value per channel of DataConfig.mean ({len(self.mean)}).")
 
 
 @dataclass
@@ -154,10 +150,11 @@ class ModelConfig:
         check_fields(self)
         source = self.backbone.partition(":")[0]
         if self.backbone != "digits" and (":" not in self.backbone or source not in ("timm", "torchvision")):
-            raise ConfigError(f"model.backbone: expected 'digits', 'timm:NAME' or 'torchvision:NAME', "
+            raise ConfigError(f"ModelConfig.backbone: expected 'digits', 'timm:NAME' or 'torchvision:NAME', "
                               f"got {self.backbone!r}.")
         if self.weights is not None and self.backbone != "digits":
-            raise ConfigError("model.weights: only for backbone 'digits'; use model.pretrained for timm/torchvision.")
+            raise ConfigError("ModelConfig.weights: only for backbone 'digits'; use ModelConfig.pretrained for "
+                              "timm/torchvision.")
 
 
 @dataclass
@@ -194,12 +191,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"num_threads: must be None or >= 1, got {self.num_threads!r}.")
+            raise ConfigError(f"RunConfig.num_threads: must be None or >= 1, got {self.num_threads!r}.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build and validate a run config from a plain mapping (as read from YAML)."""
-        return build_section(cls, values, "")
+        return validate(cls, values, "", coerce=True)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-friendly data (head keys flattened into model)."""
@@ -214,86 +211,6 @@ class RunConfig:
 
             return DIGITS_IMAGE_SIZE
         return 224
-
-
-# --------------------------------------------------------------------------- validation
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def coerce(path: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp` and return it in that type, or raise ConfigError naming `path`.
-
-    The check is the dataclasses' own (`config.check_value`); on top of it, ints become floats for float fields,
-    numeric strings too, because YAML 1.1 (PyYAML) reads `1e-3` as a string, and lists become tuples for tuple fields.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType) and value is not None:
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                try:
-                    return coerce(path, value, arg)
-                except ConfigError:
-                    continue
-    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
-        args = typing.get_args(tp)
-        items = [coerce(f"{path}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    elif dataclasses.is_dataclass(tp):
-        return build_section(tp, value, path)
-    elif tp is float and matches(value, float):
-        return float(value)
-    elif tp is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    elif origin is Literal and not matches(value, tp):
-        close = difflib.get_close_matches(str(value), [str(c) for c in typing.get_args(tp)], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}{hint}")
-    check_value(path, value, tp)
-    return value
-
-
-def build_section(cls: type, values: Any, path: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking every key and value; nested dataclasses are built recursively.
-
-    A class may list fields in `_flatten`: the keys of those nested dataclasses are then written at this level.
-    """
-    if values is None:
-        values = {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of options, got {_got(values)}.")
-    own = _field_types(cls)
-    flattened = {name: own.pop(name) for name in getattr(cls, "_flatten", ())}
-    owner = {key: name for name, sub in flattened.items() for key in _field_types(sub)}
-    kwargs: dict[str, Any] = {}
-    sub_values: dict[str, dict[str, Any]] = {name: {} for name in flattened}
-    for key, value in values.items():
-        key_path = f"{path}.{key}" if path else str(key)
-        if key in own:
-            kwargs[key] = coerce(key_path, value, own[key])
-        elif key in owner:
-            sub_values[owner[key]][key] = value
-        else:
-            valid = list(own) + list(owner)
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}."
-            raise ConfigError(f"{key_path}: unknown key; {hint}")
-    for name, sub in flattened.items():
-        kwargs[name] = build_section(sub, sub_values[name], path)
-    try:
-        return cls(**kwargs)
-    except ValueError as err:  # ConfigError included; a TypeError here would be a bug, not the user's
-        # The dataclasses name their fields "FitConfig.lam"; say "fit.lam", the key the user wrote.
-        msg = str(err).replace(f"{cls.__name__}.", f"{path}." if path else "")
-        if msg == str(err) and path and not msg.startswith(f"{path}."):
-            msg = f"{path}: {msg}"
-        if msg == str(err) and isinstance(err, ConfigError):
-            raise
-        raise ConfigError(msg) from err
 
 
 def to_plain(obj: Any) -> Any:
@@ -315,7 +232,6 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-# --------------------------------------------------------------------------- files and overrides
 def parse_override(text: str) -> tuple[str, Any]:
     """Split "fit.lr=0.001" into ("fit.lr", 0.001); the value is read as YAML (null, true, [64, 64], ...)."""
     key, sep, raw = text.partition("=")
@@ -340,7 +256,7 @@ def apply_overrides(values: Mapping[str, Any], overrides: Iterable[tuple[str, An
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: expected a mapping to set {key!r}, got {_got(child)}.")
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: expected a mapping to set {key!r}, got {got(child)}.")
             node = child
         node[parts[-1]] = value
     return out
@@ -359,7 +275,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, fit, eval, audit), "
-                          f"got {_got(values)}.")
+                          f"got {got(values)}.")
     return values
 
 
@@ -378,4 +294,4 @@ def write_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "ConfigError", "OPTION_KEYS", "load_run_config",
-           "parse_override", "apply_overrides", "read_yaml", "write_run_config", "build_section", "coerce"]
+           "parse_override", "apply_overrides", "read_yaml", "write_run_config", "to_plain"]

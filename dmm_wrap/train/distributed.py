@@ -85,6 +85,7 @@ def shutdown(sync: bool = True) -> None:
 
 
 def barrier() -> None:
+    """Wait until every rank arrives here (no-op outside a process group)."""
     if is_distributed():
         dist.barrier()
 
@@ -98,9 +99,11 @@ def collective_device() -> torch.device:
 
 @contextlib.contextmanager
 def fail_together(what: str) -> Iterator[None]:
-    """Collective around a block that may fail on some ranks only: every rank learns whether any rank failed at
-    `what`. The failed rank re-raises its own error, the others raise a RuntimeError pointing to it, so no rank is
-    left waiting in a later collective. Outside a process group the block runs as it is."""
+    """Collective around a block that may fail on some ranks only: every rank learns whether any rank failed.
+
+    The failed rank re-raises its own error, the others raise a RuntimeError naming `what` and pointing to it, so no
+    rank is left waiting in a later collective. Outside a process group the block runs as it is.
+    """
     if not is_distributed():
         yield
         return
@@ -131,6 +134,18 @@ def all_gather_tensor(tensor: Tensor) -> list[Tensor]:
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor)
     return out
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """The mean of `value` over ranks (a new tensor; `value` itself is left as it is)."""
+    return all_reduce_sum(value.clone()) / world_size()
+
+
+def gather_over_ranks(value: Tensor) -> Tensor:
+    """`value` of every rank concatenated along dim 0; gradients flow back to each rank's own part."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(value.contiguous()))
 
 
 def all_gather_object(obj: Any) -> list[Any]:
@@ -166,6 +181,14 @@ def check_sharded(loader: Iterable) -> None:
             "shard.", stacklevel=3)
 
 
+def set_epoch(loader: Iterable, epoch: int) -> None:
+    """Let a DistributedSampler (or any sampler with set_epoch) reshuffle for this epoch."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
+
+
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "launched_by_torchrun", "init_from_env",
            "shutdown", "barrier", "collective_device", "fail_together", "all_reduce_sum", "all_gather_tensor",
-           "all_gather_object", "broadcast_object", "check_sharded"]
+           "mean_over_ranks", "gather_over_ranks", "all_gather_object", "broadcast_object", "check_sharded", "set_epoch"]

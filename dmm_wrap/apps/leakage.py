@@ -4,7 +4,7 @@ For each feature set (raw Z and debiased Z~ of a `DebiasedEncoder`, the output o
 computed yourself) and each attribute, a linear and a freshly trained MLP probe are fitted on one part of the data
 and scored on another: balanced accuracy for a categorical attribute (chance 1/K), R^2 for a continuous one. The
 verdict is "removed" when the MLP probe does no better than chance + `margin` (or R^2 `max_r2`), "leaks" otherwise.
-The probes are those of the evaluation (`dmm_wrap.evaluate`), so an audit and a run report measure the same thing.
+The probes are those of the evaluation (`dmm_wrap.apps.evaluate`), so an audit and a run report measure the same thing.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
-from .config import Attribute, check_fields
-from .evaluate import CHANCE_MARGIN, MAX_R2, EvalConfig, Leakage, collect_batches, extract_features, probe_leakage
-from .hub import card_with_audit
-from .model import DebiasedEncoder
+from ..config import Attribute, EvalConfig, check_fields
+from ..data.batches import attrs_tensor
+from ..io.card import card_with_audit
+from ..io.serialization import AUDIT_NAME, README_NAME, write_atomically
+from ..model import DebiasedEncoder
+from ..version import __version__
+from .evaluate import Leakage, collect_batches, extract_features, probe_leakage
 from .report import markdown_table
-from .serialization import AUDIT_NAME, README_NAME, write_atomically
-from .trainer import attrs_tensor
+from .targets import CHANCE_MARGIN, MAX_R2
 
 Verdict = Literal["removed", "leaks"]
 ArrayLike = Union[np.ndarray, Tensor]
@@ -79,12 +80,14 @@ class AttributeAudit:
     """"removed" or "leaks"."""
 
     def to_dict(self) -> dict[str, Any]:
+        """This audit as audit.json holds it: the probe scores, the threshold and the verdict."""
         lk = self.leakage
         return {"metric": lk.metric, "chance": lk.chance, "linear": lk.linear, "mlp": lk.mlp,
                 "threshold": self.threshold, "verdict": self.verdict}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AttributeAudit:
+        """Read back `to_dict()`."""
         return cls(Leakage(d["metric"], d["chance"], d["linear"], d["mlp"]), d["threshold"], d["verdict"])
 
 

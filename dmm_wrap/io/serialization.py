@@ -23,7 +23,7 @@ WEIGHTS_NAME = "model.safetensors"
 README_NAME = "README.md"
 METRICS_NAME = "metrics.json"
 AUDIT_NAME = "audit.json"
-"""The leakage audit of the saved weights (`dmm_wrap.leakage`), shown in the model card when present."""
+"""The leakage audit of the saved weights (`dmm_wrap.apps.leakage`), shown in the model card when present."""
 PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
 """Pickled checkpoints that are recognised only to refuse them: unpickling can run arbitrary code."""
 MODEL_TYPE = "dmm_wrap.DebiasedEncoder"
@@ -184,6 +184,7 @@ def check_weights_match_config(config: dict[str, Any], weights_path: Path) -> No
 
 
 def save_weights(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `state` to a safetensors file, each tensor as an independent contiguous copy."""
     from safetensors.torch import save_file
 
     # Clone so shared/tied storages and non-contiguous views serialise as independent tensors.
@@ -214,6 +215,7 @@ def load_weights(path: Path) -> dict[str, Tensor]:
 
 
 def write_config(config: dict[str, Any], path: Path) -> None:
+    """Write a config.json (indented, keys in their given order)."""
     path.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Attribute, HeadConfig
+from ..config import Attribute, HeadConfig
 from .estimators import CategoricalCLUB, ConditionalGaussian, GaussianCLUB, Residual, mlp
 from .matching import default_projections, group_ids, random_directions, sliced_group_discrepancy
 
@@ -71,6 +71,7 @@ class DeepMinMax(nn.Module):
         self.register_buffer("attr_std", torch.ones(len(attributes)))
 
     def normalize(self, z: Tensor) -> Tensor:
+        """Standardise features with the pre-pass's statistics."""
         return (z - self.feature_mean) / self.feature_std
 
     def normalize_attrs(self, b: Tensor) -> Tensor:
@@ -90,6 +91,7 @@ class DeepMinMax(nn.Module):
         return torch.cat(parts, dim=1)
 
     def estimator_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, reduction: str) -> EstimatorLosses:
+        """Losses that fit CLUB's q networks and m_phi on a batch (Z~ detached: h_theta gets no gradient)."""
         z_tilde = z_tilde.detach()
         q_nll = sum(q.nll(z_tilde, b[:, k]) for k, q in enumerate(self.q.values()))
         m_nll = self.m.nll(z_std, self.condition(z_tilde, b), reduction)
@@ -111,7 +113,7 @@ class DeepMinMax(nn.Module):
 
     def match_loss(self, z_tilde: Tensor, b: Tensor, step: int, projections: int | None, bins: int,
                    gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """The group-matching term on a batch (`dmm_wrap.matching`), with step `step`'s random directions.
+        """The group-matching term on a batch (`dmm_wrap.core.matching`), with step `step`'s random directions.
 
         Args:
             gather: concatenates a tensor over data-parallel ranks, differentiably (default: this batch alone). The
@@ -135,7 +137,7 @@ class DeepMinMax(nn.Module):
             mean_over_ranks: maps this rank's value of the (detached) CLUB sum to its mean over ranks; the clamp
                 at 0 is then decided on the global value, as one process with the global batch would.
             match: the batch's `match_loss` (None: the term is off), weighted by `match_weight`.
-            target: the batch's aligned target (`dmm_wrap.alignment`; None: the term is off), weighted by
+            target: the batch's aligned target (`dmm_wrap.core.alignment`; None: the term is off), weighted by
                 `align_weight`.
         """
         if sums is None:
@@ -163,6 +165,7 @@ class DeepMinMax(nn.Module):
         return ThetaLosses(total, debias, retain, club, match, align)
 
     def estimator_parameters(self) -> list[nn.Parameter]:
+        """Parameters of CLUB's q networks and m_phi (the estimator optimiser's)."""
         return list(self.q.parameters()) + list(self.m.parameters())
 
 

@@ -1,0 +1,1 @@
+"""Applications built on the library: the synthetic digits job, run configs, evaluation, audit, report, sweep, CLI."""

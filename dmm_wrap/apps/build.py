@@ -1,0 +1,140 @@
+"""What a run of the CLI is made of, built from its `RunConfig`: the data loaders, the model, the preprocessing, and
+the CPU thread limits it runs under."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from ..backbones import create_backbone
+from ..config import Attribute
+from ..inference import Preprocessing
+from ..model import DebiasedEncoder
+from .run_config import RunConfig
+
+
+class RunData(NamedTuple):
+    """The loaders of one run and what they carry."""
+
+    attributes: tuple[Attribute, ...]
+    """Attributes in the column order of the batches."""
+    train: DataLoader
+    """Training batches (shuffled when the dataset is map-style)."""
+    train_eval: DataLoader
+    """The same training data in a fixed order, for fitting the evaluation probes."""
+    test: DataLoader
+    """Held-out batches the evaluation scores on."""
+    label_name: str
+    """What the task label is (for figure titles)."""
+    vocabulary: dict[str, list[str]] | None = None
+    """image_csv: the training split's string labels per column (`ImageCSVDataset.vocabulary`), which the held-out
+    split was read with and the model records; None for data without text labels."""
+
+
+def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
+    """How images of an image_csv / camelyon17 run become tensors; saved with the model so that `model.preprocess`
+    and `model.embed` see what training saw. Synthetic digits are generated as tensors: None."""
+    d = cfg.data
+    if d.kind == "synthetic_digits":
+        return None
+    size = cfg.input_size()
+    return Preprocessing(input_size=(3, size, size), mean=tuple(d.mean), std=tuple(d.std), interpolation="bilinear",
+                         crop_pct=1.0, crop_mode="squash")
+
+
+def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> tuple[Any, Any, tuple[Attribute, ...], str,
+                                                                                 dict[str, list[str]] | None]:
+    """(train set, test set, attributes, label name, vocabulary) of `cfg.data`; only the chosen kind is imported."""
+    d = cfg.data
+    if d.kind == "synthetic_digits":
+        from .digits import SyntheticDigits
+
+        size = cfg.input_size()
+        train = SyntheticDigits("train", d.num_train, image_size=size, num_sites=d.num_sites, seed=d.seed)
+        test = SyntheticDigits("test", d.num_test, image_size=size, num_sites=d.num_sites, seed=d.seed)
+        return train, test, train.attributes, "digit", None
+    transform = run_preprocessing(cfg).transform()
+    if d.kind == "image_csv":
+        from ..data import ImageCSVDataset
+
+        options = dict(path_column=d.path_column, label_column=d.label_column, transform=transform)
+        train = ImageCSVDataset(d.root, d.csv, d.attributes, vocabulary=vocabulary, **options)
+        test = ImageCSVDataset(d.root, d.test_csv, d.attributes, vocabulary=train.vocabulary, **options)
+        return train, test, tuple(d.attributes), d.label_column or "label", train.vocabulary
+    from ..data import camelyon17
+
+    train = camelyon17(d.root, split=d.train_split, transform=transform)
+    test = camelyon17(d.root, split=d.test_split, transform=transform)
+    return train, test, train.attributes, "tumor", None
+
+
+def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
+               vocabulary: dict[str, list[str]] | None = None) -> RunData:
+    """Datasets and loaders described by `cfg.data` (imported lazily: only the chosen kind is loaded).
+
+    With `world_size` > 1 the training loader reads this rank's shard (SyntheticDigits.shard, or a
+    DistributedSampler seeded with data.seed); the evaluation loaders are never sharded. image_csv: the test CSV
+    is read with the training CSV's vocabulary, or both with `vocabulary` (what a saved model recorded) when given.
+    """
+    d = cfg.data
+    train, test, attributes, label_name, words = _datasets(cfg, vocabulary)
+    # Page-locked batches let the host-to-GPU copies (non_blocking in the trainer) overlap with compute.
+    pin = (cfg.fit.device or "").startswith("cuda") and torch.cuda.is_available()
+
+    def loader(ds: Any, shuffle: bool) -> DataLoader:
+        shuffle = shuffle and not isinstance(ds, IterableDataset)
+        return DataLoader(ds, batch_size=d.batch_size, shuffle=shuffle, num_workers=d.num_workers, pin_memory=pin,
+                          generator=torch.Generator().manual_seed(d.seed) if shuffle else None)
+
+    def sharded(ds: Any) -> DataLoader:
+        if world_size == 1:
+            return loader(ds, True)
+        if isinstance(ds, IterableDataset):
+            return loader(ds.shard(world_size, rank), False)
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=d.seed)
+        return DataLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, pin_memory=pin)
+
+    return RunData(attributes, sharded(train), loader(train, False), loader(test, False), label_name, words)
+
+
+def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEncoder:
+    """The DebiasedEncoder described by `cfg.model`, its feature width inferred by one dummy forward."""
+    m = cfg.model
+    if m.backbone == "digits":
+        from .pretrained import DIGITS_ENCODER_LAYER, load_digits_encoder
+
+        backbone = load_digits_encoder(m.weights)
+        layer = m.layer if m.layer is not None else DIGITS_ENCODER_LAYER
+    else:
+        backbone = create_backbone(m.backbone, pretrained=m.pretrained)
+        layer = m.layer
+    size = cfg.input_size()
+    preprocessing = run_preprocessing(cfg) if cfg.data.kind != "synthetic_digits" else "auto"
+    return DebiasedEncoder(backbone, layer, attributes, pool=m.pool, input_size=(3, size, size),
+                           preprocessing=preprocessing, **dataclasses.asdict(m.head))
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Limit torch and the OpenMP / BLAS thread pools to `n` threads inside the block (None: leave them)."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["RunData", "run_preprocessing", "build_data", "build_model", "cpu_threads"]

@@ -1,0 +1,60 @@
+"""The project's own targets for a run, and their check against its metrics (shown in report.md and by the CLI).
+
+The evaluation (`dmm_wrap.apps.evaluate`) measures; this module says what counts as good enough. The two leakage
+criteria are also the defaults of `Leakage.removed` and of the audit's verdict (`AuditConfig`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .evaluate import Metrics
+
+TASK_GAIN = 0.02
+"""Target: DeepMinMax task accuracy at least raw + TASK_GAIN (and at least LEACE's)."""
+MAX_R2 = 0.10
+"""Target: MLP-probe R^2 of every continuous attribute on Z~ at most this."""
+CHANCE_MARGIN = 0.05
+"""Target: MLP-probe balanced accuracy of every categorical attribute on Z~ at most chance + this."""
+
+
+class TargetRow(NamedTuple):
+    """One target of the issue, checked against a measurement."""
+
+    name: str
+    """What is compared, with its direction, e.g. "dmm task accuracy >= raw + 0.02"."""
+    measured: float
+    target: float
+    """The threshold the measurement is compared with."""
+    met: bool
+
+
+def check_targets(metrics: Metrics) -> list[TargetRow]:
+    """Compare DeepMinMax against the issue's targets.
+
+    Task: dmm accuracy >= raw + TASK_GAIN and >= LEACE's. Leakage by the MLP probe on Z~ (`Leakage.removed`):
+    R^2 <= MAX_R2 for continuous attributes, balanced accuracy <= chance + CHANCE_MARGIN for categorical ones.
+    """
+    rows: list[TargetRow] = []
+    dmm = metrics.methods.get("dmm")
+    if dmm is None:
+        return rows
+    raw, leace = metrics.methods.get("raw"), metrics.methods.get("leace")
+    if dmm.task_accuracy is not None:
+        if raw is not None and raw.task_accuracy is not None:
+            target = raw.task_accuracy + TASK_GAIN
+            rows.append(TargetRow(f"dmm task accuracy >= raw + {TASK_GAIN:g}", dmm.task_accuracy, target,
+                                  dmm.task_accuracy >= target))
+        if leace is not None and leace.task_accuracy is not None:
+            rows.append(TargetRow("dmm task accuracy >= leace", dmm.task_accuracy, leace.task_accuracy,
+                                  dmm.task_accuracy >= leace.task_accuracy))
+    for name, lk in dmm.leakage.items():
+        what = f"R2 of {name} <= {MAX_R2:g}" if lk.metric == "r2" else \
+            f"balanced accuracy of {name} <= chance + {CHANCE_MARGIN:g}"
+        rows.append(TargetRow(f"dmm MLP-probe {what}", lk.mlp, lk.threshold(CHANCE_MARGIN, MAX_R2),
+                              lk.removed(CHANCE_MARGIN, MAX_R2)))
+    return rows
+
+
+__all__ = ["TASK_GAIN", "MAX_R2", "CHANCE_MARGIN", "TargetRow", "check_targets"]

@@ -1,0 +1,1 @@
+"""The streamed training loop and its collaborators: checkpoints, DDP, stop signals."""
