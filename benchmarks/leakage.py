@@ -10,6 +10,8 @@ For each problem of `benchmarks/problems.py` and each seed, the feature sets bel
     matched      dmm plus the experimental group-matching term: residual h_theta, match_weight 10
     aligned      DeepMinMax with the piecewise-alignment target: HeadConfig.aligned(), FitConfig.aligned(), and
                  ALIGNED_EPOCHS times the problem's epoch budget
+    selected     aligned, plus model selection: fit(..., val_loader=) on the problem's "select" split (neither val
+                 nor test), the h_theta a fresh probe reads least from at the end of each round is kept
 
 Every DeepMinMax variant is trained on the train split with the problem's epoch budget; every probe is trained on
 train features and scored on the evaluation split (--split val to choose settings, test to report). Reported:
@@ -56,7 +58,7 @@ from problems import PROBLEMS, Problem, SplitData  # noqa: E402
 
 from dmm_wrap import DebiasedEncoder, FitConfig, HeadConfig  # noqa: E402
 
-METHODS = ("raw", "leace", "quadratic", "paper", "dmm", "matched", "aligned")
+METHODS = ("raw", "leace", "quadratic", "paper", "dmm", "matched", "aligned", "selected")
 MATCHED = {"residual": True, "match_weight": 10.0}
 """The matched variant's settings (chosen on the val split of the style problem, seed 0: weights 1, 10, 100 gave
 MLP-probe leakage 0.839, 0.818, 0.746 with task 1.000, 0.999, 0.885)."""
@@ -140,12 +142,13 @@ def erased(method: str, ztr: np.ndarray, zev: np.ndarray, train: SplitData, ev: 
 def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, overrides: dict[str, Any],
                 epochs_scale: float) -> tuple[DebiasedEncoder, dict[str, float]]:
     torch.manual_seed(seed)
-    epochs = max(1, round(problem.epochs * epochs_scale * (ALIGNED_EPOCHS if method == "aligned" else 1)))
+    aligned = method in ("aligned", "selected")
+    epochs = max(1, round(problem.epochs * epochs_scale * (ALIGNED_EPOCHS if aligned else 1)))
     if method == "paper":
         head, cfg = HeadConfig(), FitConfig.paper(epochs=epochs)
     else:
         overrides = {**(problem.fit_options or {}), **overrides, **(MATCHED if method == "matched" else {}),
-                     **(ALIGNED if method == "aligned" else {})}
+                     **(ALIGNED if aligned else {})}
         head = HeadConfig(**{k: v for k, v in overrides.items() if k in HeadConfig.__dataclass_fields__})
         cfg = FitConfig(epochs=epochs, **{k: v for k, v in overrides.items() if k in FitConfig.__dataclass_fields__})
     cfg.progress = False
@@ -153,9 +156,17 @@ def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, over
     loader = DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    history = enc.fit(loader, config=cfg)
+    val_loader = None
+    if method == "selected":  # a split of its own: choosing on val or test would tune on what is reported
+        chosen = problem.sample("select")
+        val_loader = DataLoader(TensorDataset(chosen.inputs, chosen.attrs), batch_size=512)
+        cfg.select_every = cfg.align_every
+    history = enc.fit(loader, config=cfg, val_loader=val_loader)
     tail = max(1, len(history.retain) // 10)
-    return enc, {"retain_nll": float(np.mean(history.retain[-tail:])), "fit_seconds": time.perf_counter() - start}
+    extra = {"retain_nll": float(np.mean(history.retain[-tail:])), "fit_seconds": time.perf_counter() - start}
+    if history.selected_step is not None:
+        extra["selected_step"] = float(history.selected_step)
+    return enc, extra
 
 
 @torch.no_grad()
@@ -214,7 +225,7 @@ def targets(name: str, summary: dict[str, dict[str, Any]], problem: Problem) -> 
     """The quality targets of each DeepMinMax variant on the mean over seeds: fresh-MLP leakage <= chance + 0.05
     (balanced accuracy) or R^2 <= 0.10; task >= raw - 0.02 and >= LEACE; retention >= 0.5 of raw Z's."""
     out = {}
-    for variant in ("paper", "dmm", "matched", "aligned"):
+    for variant in ("paper", "dmm", "matched", "aligned", "selected"):
         if variant in summary:
             out.update({f"{variant}: {k}": v for k, v in _targets(summary[variant], summary, problem).items()})
     return out

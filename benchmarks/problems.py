@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from dmm_wrap import Attribute
 
-Split = Literal["train", "val", "test"]
-SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
+Split = Literal["train", "val", "test", "select"]
+SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3, "select": 4}
 
 
 @dataclass
@@ -91,7 +91,7 @@ def vector_problem(kind: str, seed: int, n: dict[Split, int] | None = None) -> P
     offset and tanh to the content, as staining does), "rotation" (each group applies its own random rotation to the
     content: an arbitrary transform) or "continuous" (a uniform angle in +-45 degrees rotates every coordinate pair).
     """
-    n = n or {"train": 4000, "val": 2000, "test": 2000}
+    n = n or {"train": 4000, "val": 2000, "test": 2000, "select": 2000}
     dim, classes, groups, zdim = 16, 8, 4, 64
     gen = torch.Generator().manual_seed(10_000 + seed)
     means = torch.randn(classes, dim, generator=gen) * 1.5
@@ -136,7 +136,7 @@ def conv_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
     contrast and adds its own noise level."""
     from dmm_wrap import create_backbone
 
-    n = n or {"train": 1500, "val": 500, "test": 500}
+    n = n or {"train": 1500, "val": 500, "test": 500, "select": 500}
     torch.manual_seed(20_000 + seed)
     backbone = create_backbone("torchvision:resnet18").eval()
     tint = torch.tensor([[1.0, 0.0, -1.0], [-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]])
@@ -169,7 +169,7 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
     from dmm_wrap.apps.digits import SyntheticDigits
     from dmm_wrap.apps.pretrained import DIGITS_ENCODER_LAYER
 
-    n = n or {"train": 4096, "val": 2048, "test": 2048}
+    n = n or {"train": 4096, "val": 2048, "test": 2048, "select": 2048}
     backbone = load_digits_encoder()
     attributes = SyntheticDigits("train", 8).attributes
 

@@ -174,7 +174,7 @@ class DebiasedEncoder(HubMixin, InferenceMixin, nn.Module):
 
     # ----------------------------------------------------------------- training
     def fit(self, loader: Iterable, epochs: int | None = None, *, config: FitConfig | None = None,
-            **options: Any) -> FitHistory:
+            val_loader: Iterable | None = None, **options: Any) -> FitHistory:
         """Train the heads on a stream of `(inputs, attrs)` batches; the backbone is never updated.
 
         Args:
@@ -184,6 +184,8 @@ class DebiasedEncoder(HubMixin, InferenceMixin, nn.Module):
                 (epochs > 1, stats_batches=None, resume). Each batch goes through the backbone once: the first
                 `stats_batches` give the standardisation statistics and are kept for training (see PrePass).
             epochs: passes over the loader; overrides `config.epochs`.
+            val_loader: held-out `(inputs, attrs)` batches: its first `select_samples` are read once, and the run
+                ends with the h_theta that a fresh probe, checked every `select_every` steps, read them least from.
             config: a FitConfig; **options override its fields (lr, lam, max_steps, device, amp_dtype,
                 checkpoint_dir, checkpoint_every, resume, ...).
 
@@ -218,7 +220,7 @@ class DebiasedEncoder(HubMixin, InferenceMixin, nn.Module):
                 self._build_heads_from(prepass)
             assert self.heads is not None
             self.heads.train()
-            return train(self.heads, loader, self.extractor, cfg, device, prepass)
+            return train(self.heads, loader, self.extractor, cfg, device, prepass, val_loader)
         except TrainingInterrupted:
             raise  # stopped between two steps: the heads of the steps taken are kept
         except BaseException:

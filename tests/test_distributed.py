@@ -80,6 +80,18 @@ def test_alignment_target_is_the_same_on_both_ranks(tmp_path: Path) -> None:
     assert min(history["align"]) > 0
 
 
+def test_model_selection_over_two_ranks(tmp_path: Path) -> None:
+    # Rank 0 scores each check on the gathered sample; every rank keeps the same step and ends with the same heads.
+    _torchrun(2, str(SCRIPT), "--out", str(tmp_path / "ddp"), "--batch-size", "32", "--steps", "12", "--select")
+    heads = [load_file(tmp_path / "ddp" / f"heads-rank{r}.safetensors") for r in (0, 1)]
+    assert max_abs_diff(heads[0], heads[1]) == 0.0
+    history = [json.loads((tmp_path / "ddp" / f"history-rank{r}.json").read_text()) for r in (0, 1)]
+    assert history[0]["select_step"] == history[1]["select_step"] == [6, 12]
+    assert history[0]["select_leak"] == history[1]["select_leak"]
+    best = max(i for i, v in enumerate(history[0]["select_leak"]) if v == min(history[0]["select_leak"]))
+    assert history[0]["selected_step"] == history[1]["selected_step"] == history[0]["select_step"][best]
+
+
 def test_matching_term_over_two_ranks_matches_one_process(tmp_path: Path) -> None:
     # The group-matching term gathers the projected Z~ of both ranks: its groups and quantiles are the global batch's.
     common = ["--steps", "12", "--match-weight", "1.0"]

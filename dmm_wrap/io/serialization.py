@@ -151,16 +151,10 @@ def write_atomically(directory: str | os.PathLike, writer: Callable[[Path], None
         for name in names:
             if (tmp / name).is_file():
                 os.chmod(tmp / name, mode)
-            move_into_place(tmp / name, directory / name)
+            os.replace(tmp / name, directory / name)  # tmp was created with the final mode: the umask is never changed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
-
-
-def move_into_place(tmp: Path, final: Path) -> None:
-    """os.replace `tmp` onto `final`. Create `tmp` with the mode `final` should get (`create_temp_file`, or an open()
-    in a temporary folder): the process-wide umask is never changed, which would race with other threads."""
-    os.replace(tmp, final)
 
 
 def file_sha256(path: Path) -> str:

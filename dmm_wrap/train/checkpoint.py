@@ -326,13 +326,14 @@ class Checkpointer:
         return None
 
 
-_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll", "match", "align")
+_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll", "match", "align", "select_step", "select_leak")
+_INT_LISTS = ("step", "select_step")
 
 
 def _history_tensors(history: dict[str, Any]) -> dict[str, Tensor]:
     """The loss history as tensors (float64 keeps every Python float exactly); JSON in the header would grow past
     safetensors' header limit on long runs."""
-    out = {f"history.{k}": torch.tensor(history.get(k, []), dtype=torch.int64 if k == "step" else torch.float64)
+    out = {f"history.{k}": torch.tensor(history.get(k, []), dtype=torch.int64 if k in _INT_LISTS else torch.float64)
            for k in _HISTORY_LISTS}
     for name, values in history.get("club", {}).items():
         out[f"history.club.{name}"] = torch.tensor(values, dtype=torch.float64)

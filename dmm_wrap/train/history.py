@@ -38,16 +38,28 @@ class FitHistory:
     """CLUB estimate per attribute."""
     steps_done: int = 0
     """Total optimisation steps taken."""
+    select_step: list[int] = field(default_factory=list)
+    """Steps at which h_theta was scored by the selection probe (with `fit(..., val_loader=)`)."""
+    select_leak: list[float] = field(default_factory=list)
+    """The probe's leakage above chance at those steps, in [0, 1] (largest over attributes; `selection`)."""
+    selected_step: int | None = None
+    """The step whose h_theta the run ended with (None: the last one, no selection)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The history as plain lists and numbers (JSON-ready)."""
         return {"step": self.step, "loss": self.loss, "debias": self.debias, "retain": self.retain,
-                "q_nll": self.q_nll, "match": self.match, "align": self.align, "club": self.club, "steps_done": self.steps_done}
+                "q_nll": self.q_nll, "match": self.match, "align": self.align, "club": self.club,
+                "steps_done": self.steps_done, "select_step": self.select_step, "select_leak": self.select_leak, "selected_step": self.selected_step}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitHistory:
         """The history `as_dict` gave (keys it does not know are ignored, missing ones left empty)."""
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def record_selection(self, step: int, leak: float) -> None:
+        """Append a selection check: step `step`'s h_theta read at `leak` above chance."""
+        self.select_step.append(step)
+        self.select_leak.append(leak)
 
     def record(self, step: int, losses: ThetaLosses, q_nll: Tensor,
                mean_over_ranks: Callable[[Tensor], Tensor] | None = None) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..config import FitConfig
 from ..core.objective import DeepMinMax
 from ..data.batches import iterate_batches
-from . import aligning
+from . import aligning, selection
 from .checkpoint import Checkpoint, Position, TrainingInterrupted, load_optimizer_state
 from .distributed import barrier, check_sharded, is_main_process, rank, set_epoch
 from .estimator_fit import EstimatorFit
@@ -120,6 +120,7 @@ class Trainer:
             self.position.batches += 1
             if not self.ranks.takes(batch.z):
                 continue
+            selection.check_if_due(self.objective, self.cfg, self.position.step, self.history.record_selection)
             aligning.refit_if_due(self.objective, self.cfg, self.position.step)
             with self.stop.deferred():  # Ctrl-C twice: the heads are never left half-updated
                 self.step(batch.z, batch.b, batch.shared.sums)
@@ -248,7 +249,7 @@ class Trainer:
 
 
 def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], Tensor], cfg: FitConfig,
-          device: torch.device, prepass: PrePass | None = None) -> FitHistory:
+          device: torch.device, prepass: PrePass | None = None, val_loader: Iterable | None = None) -> FitHistory:
     """Train h_theta, CLUB's q networks and m_phi on a stream of batches; return the loss history.
 
     The standardisation statistics come from the first `cfg.stats_batches` batches of epoch 0, whose features are
@@ -256,7 +257,8 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
     Inside an initialised torch.distributed process group each rank streams its own shard (see `sync.RankSync`).
     With `cfg.checkpoint_dir`, checkpoints are written every `cfg.checkpoint_every` steps, at the end and on SIGINT /
     SIGTERM, and `cfg.resume` continues from the newest intact one. A stop signal ends training at a step boundary
-    with TrainingInterrupted; `objective` keeps the heads of the steps taken.
+    with TrainingInterrupted; `objective` keeps the heads of the steps taken. With `val_loader`, the run ends with the
+    h_theta a fresh probe read the attributes from least (`selection`).
     """
     ranks = RankSync(device)
     check_sharded(loader)
@@ -267,13 +269,20 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
     if resumed is not None:
         prepass.close()  # the checkpoint holds the statistics; its epoch is replayed from its RNG states
         aligning.restore_alignment(objective, resumed, cfg, device)
+        selection.restore_selection(objective, resumed, val_loader is not None)
     else:
         start_from_prepass(objective, prepass, cfg)
+        if val_loader is not None:
+            selection.start_selection(objective, val_loader, extract, cfg, device)
     try:
-        return Trainer(objective, loader, extract, cfg, device, prepass, checkpoints, resumed, ranks).run()
+        history = Trainer(objective, loader, extract, cfg, device, prepass, checkpoints, resumed, ranks).run()
+        history.selected_step = selection.finish_selection(objective, history.steps_done, history.select_step,
+                                                           history.record_selection)
+        return history
     finally:
-        if hasattr(objective, "alignment"):
-            del objective.alignment  # a training target, not part of the fitted model
+        for target in ("alignment", "selection"):  # training state, not part of the fitted model
+            if hasattr(objective, target):
+                delattr(objective, target)
 
 
 __all__ = ["FitHistory", "PrePass", "Trainer", "TrainingInterrupted", "train"]

@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--match-weight", type=float, default=0.0, help="FitConfig.match_weight")
     parser.add_argument("--align-weight", type=float, default=0.0, help="FitConfig.align_weight (residual h_theta)")
     parser.add_argument("--shuffle", action="store_true", help="shuffled shards and noise from each rank's RNG")
+    parser.add_argument("--select", action="store_true", help="model selection on a held-out set (val_loader)")
     parser.add_argument("--gate-at", type=int, default=None,
                         help="rank 0 blocks before the forward of this step until OUT/release exists")
     args = parser.parse_args()
@@ -95,11 +96,18 @@ def main() -> int:
         _record_alignment_rounds(out)
     model = DebiasedEncoder(backbone, None, [Attribute("site", "categorical", 3), Attribute("level", "continuous")],
                             residual=args.align_weight > 0)
+    val_loader = None
+    if args.select:
+        vx, _, vs = make_site_problem(512, seed=1)
+        val = TensorDataset(vx, torch.stack([vs.float(), vx[:, 8] + 0.1 * vx[:, 10]], 1))
+        val_sampler = DistributedSampler(val, shuffle=False) if distributed.is_distributed() else None
+        val_loader = DataLoader(val, batch_size=64, sampler=val_sampler)
     try:
         history = model.fit(loader, max_steps=args.steps, epochs=args.epochs, estimator_steps=2, stats_batches=4,
                             progress=False, checkpoint_dir=args.checkpoint_dir, checkpoint_every=5,
                             resume=args.resume, match_weight=args.match_weight,
-                            align_weight=args.align_weight, align_every=5)
+                            align_weight=args.align_weight, align_every=5, val_loader=val_loader, select_every=6,
+                            select_samples=256)
     except TrainingInterrupted as err:
         sys.stdout.write(f"rank {distributed.rank()} interrupted at step {err.step}\n")  # one write: lines of the
         sys.stdout.flush()  # two ranks share a pipe
