@@ -270,10 +270,9 @@ class FitConfig:
             v = getattr(self, key)
             if v < 2:
                 raise ValueError(f"FitConfig.{key} must be an int >= 2, got {v!r}.")
-        if self.select_samples < 16:
-            raise ValueError(f"FitConfig.select_samples must be an int >= 16, got {self.select_samples!r}.")
-        if self.align_samples < 16:
-            raise ValueError(f"FitConfig.align_samples must be an int >= 16, got {self.align_samples!r}.")
+        for key in ("align_samples", "select_samples"):
+            if getattr(self, key) < 16:
+                raise ValueError(f"FitConfig.{key} must be an int >= 16, got {getattr(self, key)!r}.")
         if self.align_maps is not None and self.align_maps not in get_args(AlignMaps):
             raise ValueError(f"FitConfig.align_maps must be one of {get_args(AlignMaps)} or None, got "
                              f"{self.align_maps!r}.")

@@ -17,7 +17,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "dmm_wrap"
 RANKS: dict[str, int] = {
     "dmm_wrap.version": 0, "dmm_wrap.config": 0, "dmm_wrap.validation": 0,
     "dmm_wrap.core": 1,
-    "dmm_wrap.data": 2, "dmm_wrap.io": 2, "dmm_wrap.backbones": 2,
+    "dmm_wrap.data": 2, "dmm_wrap.io": 2, "dmm_wrap.backbones": 2, "dmm_wrap.probes": 2,
     "dmm_wrap.inference": 3, "dmm_wrap.train": 3,
     "dmm_wrap.model": 4,
     "dmm_wrap.apps": 5,

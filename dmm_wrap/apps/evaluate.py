@@ -20,18 +20,17 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from sklearn.compose import TransformedTargetRegressor
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import balanced_accuracy_score, r2_score
-from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.linear_model import Ridge
+from sklearn.metrics import r2_score
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..config import Attribute, EvalConfig
 from ..data.batches import attrs_tensor, split_batch
 from ..io.serialization import WEIGHTS_SHA_KEY, write_text_atomically
 from ..model import DebiasedEncoder
+from ..probes import balanced_accuracy, classifier_score, linear_classifier, mlp_leakage
 from .targets import CHANCE_MARGIN, MAX_R2
 
 Method = Literal["raw", "leace", "dmm"]
@@ -229,50 +228,14 @@ def apply_eraser(eraser: Any, features: np.ndarray) -> np.ndarray:
     return eraser(torch.from_numpy(np.asarray(features, dtype=np.float64))).numpy().astype(np.float32)
 
 
-# --------------------------------------------------------------------------- probes
-def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(np.mean(y_pred == y_true))
-
-
-def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    with warnings.catch_warnings():  # predicting a class absent from y_true is allowed (it scores 0 recall)
-        warnings.simplefilter("ignore", UserWarning)
-        return float(balanced_accuracy_score(y_true, y_pred))
-
-
-def _classifier_score(model: Any, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                      score: Callable[[np.ndarray, np.ndarray], float] = _accuracy) -> float:
-    classes = np.unique(y_train)
-    if len(classes) < 2:  # nothing to learn: the probe can only predict the one class it saw
-        return score(y_test, np.full_like(y_test, classes[0]))
-    counts = np.unique(y_train, return_counts=True)[1]
-    key = "mlpclassifier__early_stopping"
-    if key in model.get_params() and (counts.min() < 2 or 0.1 * len(y_train) < len(classes)):
-        model.set_params(**{key: False})  # its stratified validation split needs >= 2 samples of every class
-    model.fit(x_train, y_train)
-    return score(y_test, model.predict(x_test))
-
-
-def _linear_classifier(cfg: EvalConfig) -> Pipeline:
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=cfg.linear_max_iter))
-
-
-def _mlp(cfg: EvalConfig, regression: bool) -> Any:
-    kind = MLPRegressor if regression else MLPClassifier
-    net = make_pipeline(StandardScaler(), kind(hidden_layer_sizes=cfg.mlp_hidden, early_stopping=True,
-                                               max_iter=cfg.mlp_max_iter, random_state=cfg.seed))
-    # A standardised target gives the regressor the same well-scaled problem for any attribute's units.
-    return TransformedTargetRegressor(net, transformer=StandardScaler()) if regression else net
-
-
 def task_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                   cfg: EvalConfig) -> float | None:
     """Test accuracy of a logistic regression on standardised features (the paper's protocol); None without labels."""
     keep_train, keep_test = train_y >= 0, test_y >= 0
     if not keep_train.any() or not keep_test.any():
         return None
-    return _classifier_score(_linear_classifier(cfg), train_x[keep_train], train_y[keep_train],
-                             test_x[keep_test], test_y[keep_test])
+    return classifier_score(linear_classifier(cfg), train_x[keep_train], train_y[keep_train],
+                            test_x[keep_test], test_y[keep_test])
 
 
 def attribute_leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarray, test_b: np.ndarray,
@@ -282,16 +245,15 @@ def attribute_leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarr
     Categorical: balanced accuracy (the mean recall over the classes of the test labels), chance 1/K. Continuous:
     R^2 (0 for the mean, negative when worse).
     """
+    mlp = mlp_leakage(train_x, train_b, test_x, test_b, attribute, cfg)
     if attribute.kind == "categorical":
         y_train, y_test = train_b.astype(np.int64), test_b.astype(np.int64)
         chance = 1.0 / len(np.unique(y_test))
-        linear = _classifier_score(_linear_classifier(cfg), train_x, y_train, test_x, y_test, _balanced_accuracy)
-        mlp = _classifier_score(_mlp(cfg, regression=False), train_x, y_train, test_x, y_test, _balanced_accuracy)
+        linear = classifier_score(linear_classifier(cfg), train_x, y_train, test_x, y_test, balanced_accuracy)
         return Leakage("balanced_accuracy", chance, linear, mlp)
     y_train, y_test = train_b.astype(np.float64), test_b.astype(np.float64)
     ridge = make_pipeline(StandardScaler(), Ridge(alpha=cfg.ridge_alpha))
     linear = float(r2_score(y_test, ridge.fit(train_x, y_train).predict(test_x)))
-    mlp = float(r2_score(y_test, _mlp(cfg, regression=True).fit(train_x, y_train).predict(test_x)))
     return Leakage("r2", None, linear, mlp)
 
 

@@ -13,7 +13,7 @@ from ..config import FitConfig
 from ..core.alignment import AlignmentTarget, PiecewiseAlignment, fit_alignment
 from ..core.objective import DeepMinMax
 from .checkpoint import Checkpoint
-from .distributed import all_gather_object, broadcast_object, fail_together, is_main_process
+from .distributed import all_gather_rows, broadcast_object, fail_together, is_main_process
 
 
 def fit_alignment_target(objective: DeepMinMax, z: Tensor, b: Tensor, cfg: FitConfig) -> AlignmentTarget:
@@ -21,11 +21,9 @@ def fit_alignment_target(objective: DeepMinMax, z: Tensor, b: Tensor, cfg: FitCo
 
     Data-parallel: the ranks' samples (each `cfg.align_samples // world_size()` at most) are gathered on every rank.
     """
-    parts = all_gather_object((z, b))
+    z, b = all_gather_rows(z, b, device=objective.feature_mean.device)
     with torch.no_grad():
-        device = objective.feature_mean.device
-        z_std = objective.normalize(torch.cat([p[0] for p in parts]).to(device))
-        b_std = objective.normalize_attrs(torch.cat([p[1] for p in parts]).to(device))
+        z_std, b_std = objective.normalize(z), objective.normalize_attrs(b)
     target = AlignmentTarget(objective.h, z_std, b_std, PiecewiseAlignment([]))
     refit_alignment(objective, target, cfg)
     return target

@@ -157,6 +157,12 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def all_gather_rows(*tensors: Tensor, device: torch.device) -> tuple[Tensor, ...]:
+    """Each tensor's rows from every rank, concatenated in rank order on `device` (small samples: sent as objects)."""
+    parts = all_gather_object(tuple(t.cpu() for t in tensors))
+    return tuple(torch.cat([p[i] for p in parts]).to(device) for i in range(len(tensors)))
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (a small picklable value, e.g. the checkpoint rank 0 chose)."""
     if not is_distributed():
@@ -191,4 +197,5 @@ def set_epoch(loader: Iterable, epoch: int) -> None:
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "launched_by_torchrun", "init_from_env",
            "shutdown", "barrier", "collective_device", "fail_together", "all_reduce_sum", "all_gather_tensor",
-           "mean_over_ranks", "gather_over_ranks", "all_gather_object", "broadcast_object", "check_sharded", "set_epoch"]
+           "mean_over_ranks", "gather_over_ranks", "all_gather_object", "all_gather_rows", "broadcast_object", "check_sharded",
+           "set_epoch"]

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ..config import Attribute, FitConfig
+from ..config import Attribute, EvalConfig, FitConfig
 from ..core.objective import DeepMinMax
 from ..data.batches import iterate_batches
 from .checkpoint import Checkpoint
-from .distributed import all_gather_object, broadcast_object, is_main_process, world_size
+from .distributed import all_gather_rows, broadcast_object, is_main_process, world_size
 
 PROBE_HIDDEN = (128, 128)
 """Hidden widths of the selection probe (as the leakage benchmark's fresh MLP probe)."""
@@ -70,10 +70,9 @@ def start_selection(objective: DeepMinMax, loader: Iterable, extract: Callable[[
     """A new run: read the validation sample (every rank's, gathered) and attach `objective.selection`."""
     per_rank = -(-cfg.select_samples // world_size())
     z, b = read_sample(loader, objective.attributes, extract, device, cfg.amp_dtype, per_rank)
-    parts = all_gather_object((z.cpu(), b.cpu()))
+    z, b = all_gather_rows(z, b, device=device)
     with torch.no_grad():
-        z = objective.normalize(torch.cat([p[0] for p in parts]).to(device))
-        b = torch.cat([p[1] for p in parts]).to(device)
+        z = objective.normalize(z)
     if len(z) < 16:
         raise ValueError(f"val_loader gave {len(z)} samples; the selection probe needs at least 16 (half to train, "
                          "half to score). Pass a larger validation set.")
@@ -91,33 +90,30 @@ def restore_selection(objective: DeepMinMax, resumed: Checkpoint, selecting: boo
 
 
 def probe_leakage(z: Tensor, b: Tensor, attributes: Sequence[Attribute], seed: int = 0) -> float:
-    """How well a fresh MLP probe (scikit-learn, early stopping) reads the attributes from `z`, above chance, in
-    [0, 1]: the largest over attributes of (balanced accuracy - 1/K) / (1 - 1/K), or of max(R^2, 0). Trained on one
-    half of the rows (a fixed random half), scored on the other."""
+    """How well a fresh MLP probe (`dmm_wrap.probes`, early stopping) reads the attributes from `z`, above chance,
+    in [0, 1]: the largest over attributes of (balanced accuracy - 1/K) / (1 - 1/K), or of max(R^2, 0). Trained on
+    one half of the rows (a fixed random half), scored on the other."""
+    import warnings
+
     import numpy as np
-    from sklearn.metrics import balanced_accuracy_score, r2_score
-    from sklearn.neural_network import MLPClassifier, MLPRegressor
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.exceptions import ConvergenceWarning
+
+    from ..probes import mlp_leakage
 
     x = z.detach().double().cpu().numpy()
-    y_all = b.detach().double().cpu().numpy()
+    y = b.detach().double().cpu().numpy()
     order = np.random.default_rng(seed).permutation(len(x))
     train, test = order[: len(x) // 2], order[len(x) // 2:]
-    options = dict(hidden_layer_sizes=PROBE_HIDDEN, max_iter=PROBE_MAX_ITER, early_stopping=True, random_state=seed)
+    cfg = EvalConfig(mlp_hidden=PROBE_HIDDEN, mlp_max_iter=PROBE_MAX_ITER, seed=seed)
     scores = []
-    for k, attr in enumerate(attributes):
-        y = y_all[:, k]
-        if attr.kind == "categorical":
-            y = y.astype(np.int64)
-            probe = make_pipeline(StandardScaler(), MLPClassifier(**options))
-            bacc = balanced_accuracy_score(y[test], probe.fit(x[train], y[train]).predict(x[test]))
-            chance = 1.0 / len(np.unique(y[test]))
-            scores.append(max(0.0, (bacc - chance) / (1.0 - chance)))
-        else:
-            y = (y - y[train].mean()) / max(float(y[train].std()), 1e-12)
-            probe = make_pipeline(StandardScaler(), MLPRegressor(**options))
-            scores.append(max(0.0, float(r2_score(y[test], probe.fit(x[train], y[train]).predict(x[test])))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe capped by max_iter still measures leakage
+        for k, attr in enumerate(attributes):
+            score = mlp_leakage(x[train], y[train, k], x[test], y[test, k], attr, cfg)
+            if attr.kind == "categorical":
+                chance = 1.0 / len(np.unique(y[test, k]))
+                score = (score - chance) / (1.0 - chance) if chance < 1.0 else 0.0  # one class: nothing to read
+            scores.append(max(0.0, score))
     return max(scores)
 
 
