@@ -260,6 +260,24 @@ def test_seeded_runs_are_reproducible(tmp_path: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_validation_split_selects_the_saved_model(tmp_path: Path) -> None:
+    """data.num_val: the run checks h_theta by a fresh probe every fit.select_every steps, saves the h_theta kept,
+    and the report says which step that was."""
+    out = tmp_path / "run"
+    fast = ["--max-steps", "5", "--set", "fit.stats_batches=2", "--set", "fit.progress=false",
+            "--set", "eval.max_samples=64", "--set", "eval.tsne_samples=0", "--set", "eval.leace=false",
+            "--set", "data.num_val=64", "--set", "fit.select_every=2"]
+    assert main(["fit", DEFAULT, "--output-dir", str(out), *fast]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history["select_step"] == [2, 4, 5] and len(history["select_leak"]) == 3
+    best = min(range(3), key=lambda i: (history["select_leak"][i], -i))  # ties go to the later step
+    assert history["selected_step"] == history["select_step"][best]
+    assert f"kept h_theta from step {history['selected_step']}" in (out / "report.md").read_text()
+    # Negative control: without a validation split nothing is selected.
+    assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / "plain"), *fast[:-4], "--set", "data.num_val=0"]) == 0
+    assert json.loads((tmp_path / "plain" / "history.json").read_text())["selected_step"] is None
+
+
 def test_image_csv_model_records_the_preprocessing_it_was_trained_with(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
@@ -282,6 +300,10 @@ def test_image_csv_model_records_the_preprocessing_it_was_trained_with(tmp_path:
     assert model.preprocessing == run_preprocessing(cfg)
     image, _, _ = data.train.dataset[1]
     assert torch.equal(model.preprocess(Image.open(tmp_path / "1.png").convert("RGB")), image)
+    # data.val_csv: a validation loader for model selection, read as the training images are; none unless given.
+    assert data.val is None
+    val = build_data(load_run_config(tmp_path / "run.yaml", [("data.val_csv", str(tmp_path / "a.csv"))])).val
+    assert val is not None and torch.equal(val.dataset[1][0], image)
 
 
 def test_image_csv_eval_split_and_saved_model_use_the_training_vocabulary(tmp_path: Path, capsys: pytest.CaptureFixture,

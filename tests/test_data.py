@@ -71,6 +71,10 @@ def test_train_and_test_use_disjoint_source_digits() -> None:
     assert not train & test
     assert len(train | test) == 1797 and abs(len(test) - 0.3 * 1797) < 1
     assert set(SyntheticDigits("test", 10).source_indices.tolist()) == test
+    # The validation split renders the training writers with draws of its own.
+    val = SyntheticDigits("val", 64)
+    assert set(val.source_indices.tolist()) == train
+    assert not torch.equal(val.generate().attrs, SyntheticDigits("train", 64).generate().attrs)
 
 
 def test_shapes_ranges_and_normalisation(train_batch) -> None:
@@ -112,7 +116,7 @@ def test_nuisances_are_visible_to_a_pixel_probe(train_batch, test_batch) -> None
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(split="val", num_samples=10), "split must be 'train' or 'test'"),
+    (dict(split="valid", num_samples=10), "split must be 'train', 'val' or 'test'"),
     (dict(split="train", num_samples=0), "num_samples must be an int >= 1"),
     (dict(split="train", num_samples=10, num_sites=1), "num_sites must be an int in 2..8"),
     (dict(split="train", num_samples=10, num_sites=9), "num_sites must be an int in 2..8"),

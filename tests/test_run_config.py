@@ -94,6 +94,7 @@ def test_run_sections_check_their_own_types() -> None:
     ({"model": {"h_layers": 0}}, "model.h_layers"),
     ({"eval": {"tsne_samples": -1}}, "eval.tsne_samples"),
     ({"data": {"batch_size": 0}}, "data.batch_size"),
+    ({"data": {"num_val": -1}}, "data.num_val"),
     ({"data": {"kind": "image_csv", "root": "r", "csv": "a.csv", "test_csv": "b.csv"}}, "data.attributes"),
     ({"data": {"kind": "image_csv", "root": "r", "test_csv": "b.csv", "attributes": []}}, "data.csv"),
     ({"data": {"kind": "camelyon17"}}, "data.root"),

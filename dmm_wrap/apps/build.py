@@ -35,6 +35,9 @@ class RunData(NamedTuple):
     vocabulary: dict[str, list[str]] | None = None
     """image_csv: the training split's string labels per column (`ImageCSVDataset.vocabulary`), which the held-out
     split was read with and the model records; None for data without text labels."""
+    val: DataLoader | None = None
+    """Held-out batches of the training sites for model selection (`fit(..., val_loader=)`); None = none
+    configured. Sharded like `train` under torchrun: each rank reads its share of the selection sample."""
 
 
 def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
@@ -48,30 +51,46 @@ def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
                          crop_pct=1.0, crop_mode="squash")
 
 
-def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> tuple[Any, Any, tuple[Attribute, ...], str,
-                                                                                 dict[str, list[str]] | None]:
-    """(train set, test set, attributes, label name, vocabulary) of `cfg.data`; only the chosen kind is imported."""
+class _Sets(NamedTuple):
+    """The data sets of a run before they are batched."""
+
+    train: Any
+    test: Any
+    val: Any
+    attributes: tuple[Attribute, ...]
+    label_name: str
+    vocabulary: dict[str, list[str]] | None
+
+
+def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> _Sets:
+    """The data sets of `cfg.data` (the validation set None unless configured); only the chosen kind is imported."""
     d = cfg.data
     if d.kind == "synthetic_digits":
         from .digits import SyntheticDigits
 
-        size = cfg.input_size()
-        train = SyntheticDigits("train", d.num_train, image_size=size, num_sites=d.num_sites, seed=d.seed)
-        test = SyntheticDigits("test", d.num_test, image_size=size, num_sites=d.num_sites, seed=d.seed)
-        return train, test, train.attributes, "digit", None
+        options = dict(image_size=cfg.input_size(), num_sites=d.num_sites, seed=d.seed)
+        train = SyntheticDigits("train", d.num_train, **options)
+        val = SyntheticDigits("val", d.num_val, **options) if d.num_val else None
+        return _Sets(train, SyntheticDigits("test", d.num_test, **options), val, train.attributes, "digit", None)
     transform = run_preprocessing(cfg).transform()
     if d.kind == "image_csv":
         from ..data import ImageCSVDataset
 
         options = dict(path_column=d.path_column, label_column=d.label_column, transform=transform)
         train = ImageCSVDataset(d.root, d.csv, d.attributes, vocabulary=vocabulary, **options)
-        test = ImageCSVDataset(d.root, d.test_csv, d.attributes, vocabulary=train.vocabulary, **options)
-        return train, test, tuple(d.attributes), d.label_column or "label", train.vocabulary
+
+        def held_out(csv: str | None) -> Any:
+            return None if csv is None else ImageCSVDataset(d.root, csv, d.attributes, vocabulary=train.vocabulary,
+                                                            **options)
+
+        return _Sets(train, held_out(d.test_csv), held_out(d.val_csv), tuple(d.attributes),
+                     d.label_column or "label", train.vocabulary)
     from ..data import camelyon17
 
     train = camelyon17(d.root, split=d.train_split, transform=transform)
     test = camelyon17(d.root, split=d.test_split, transform=transform)
-    return train, test, train.attributes, "tumor", None
+    val = camelyon17(d.root, split=d.val_split, transform=transform) if d.val_split else None
+    return _Sets(train, test, val, train.attributes, "tumor", None)
 
 
 def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
@@ -83,7 +102,7 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
     is read with the training CSV's vocabulary, or both with `vocabulary` (what a saved model recorded) when given.
     """
     d = cfg.data
-    train, test, attributes, label_name, words = _datasets(cfg, vocabulary)
+    sets = _datasets(cfg, vocabulary)
     # Page-locked batches let the host-to-GPU copies (non_blocking in the trainer) overlap with compute.
     pin = (cfg.fit.device or "").startswith("cuda") and torch.cuda.is_available()
 
@@ -92,15 +111,17 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
         return DataLoader(ds, batch_size=d.batch_size, shuffle=shuffle, num_workers=d.num_workers, pin_memory=pin,
                           generator=torch.Generator().manual_seed(d.seed) if shuffle else None)
 
-    def sharded(ds: Any) -> DataLoader:
+    def sharded(ds: Any, shuffle: bool) -> DataLoader:
         if world_size == 1:
-            return loader(ds, True)
+            return loader(ds, shuffle)
         if isinstance(ds, IterableDataset):
             return loader(ds.shard(world_size, rank), False)
-        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=d.seed)
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=d.seed)
         return DataLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, pin_memory=pin)
 
-    return RunData(attributes, sharded(train), loader(train, False), loader(test, False), label_name, words)
+    val = None if sets.val is None else sharded(sets.val, False)
+    return RunData(sets.attributes, sharded(sets.train, True), loader(sets.train, False), loader(sets.test, False),
+                   sets.label_name, sets.vocabulary, val)
 
 
 def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEncoder:

@@ -81,6 +81,11 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
     if history is not None:
         notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
                      f"estimator_steps={cfg.fit.estimator_steps}).")
+        if history.selected_step is not None:
+            checks = ", ".join(f"{step}: {leak:.3f}" for step, leak in zip(history.select_step, history.select_leak))
+            notes.append(f"Model selection kept h_theta from step {history.selected_step}: a fresh probe on the "
+                         f"validation sample read the attributes least there (leakage above chance by step: "
+                         f"{checks}).")
     metrics.write(out / "metrics.json")
     write_report(out / "report.md", metrics, targets, figures, title=f"dmm_wrap run: {out.name}", notes=notes)
     write_run_config(cfg, out / "config.yaml")
@@ -114,7 +119,7 @@ def fit_and_evaluate(cfg: RunConfig, start: float) -> Metrics | None:
                 torch.manual_seed(cfg.seed)
             model = build_model(cfg, data.attributes)
             model.vocabulary = data.vocabulary  # saved with the model: eval reads its data with the same ids
-            history = model.fit(data.train, config=fit_cfg)
+            history = model.fit(data.train, config=fit_cfg, val_loader=data.val)
             # Every rank has finished training: leave the group together now, so that no rank waits (and times
             # out) in a collective while rank 0 evaluates, which needs no communication.
             distributed.shutdown(sync=True)

@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import Attribute
 
-Split = Literal["train", "test"]
+Split = Literal["train", "val", "test"]
 
 SYNTHETIC_ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("rotation", "continuous"),
@@ -42,7 +42,7 @@ TEST_FRACTION = 0.3
 _SPLIT_SEED = 0
 _CHUNK = 256
 _MASK64 = (1 << 64) - 1
-_SPLIT_CODES = {"train": 1, "test": 2}
+_SPLIT_CODES = {"train": 1, "test": 2, "val": 3}
 
 # Per site: background RGB, foreground RGB, Gaussian blur sigma (in pixels of a 32x32 image).
 _SITE_STYLES: tuple[tuple[tuple[float, float, float], tuple[float, float, float], float], ...] = (
@@ -83,7 +83,8 @@ def source_digits() -> tuple[Tensor, Tensor]:
 
 
 def source_indices(split: Split) -> Tensor:
-    """Indices into `sklearn.datasets.load_digits()` of the source images of `split` (the two sets are disjoint)."""
+    """Indices into `sklearn.datasets.load_digits()` of the source images of `split`: "test" holds writers that
+    "train" and "val" never see; "val" renders the training writers with draws of its own."""
     _check_split(split)
     n = len(source_digits()[1])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
@@ -93,7 +94,7 @@ def source_indices(split: Split) -> Tensor:
 
 def _check_split(split: Any) -> None:
     if split not in get_args(Split):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}.")
 
 
 def _mix64(x: int) -> int:
@@ -142,7 +143,8 @@ class SyntheticDigits(IterableDataset):
     The train and test splits draw from disjoint source images of `sklearn.datasets.load_digits`.
 
     Args:
-        split: "train" or "test".
+        split: "train", "val" (the training writers, rendered with other draws: for model selection) or "test"
+            (held-out writers).
         num_samples: samples per pass.
         image_size: side S of the square images (>= 16).
         num_sites: number of acquisition sites, 2..8 (the categorical attribute).

@@ -49,6 +49,11 @@ class DataConfig:
     num_test: int = 2048
     """synthetic_digits: test images generated (with a different seed stream)."""
 
+    num_val: int = 0
+    """synthetic_digits: validation images generated (the training writers, other draws) for model selection: the
+    run keeps the h_theta a fresh probe reads the attributes from least on them (`fit(..., val_loader=)`, checked
+    every fit.select_every steps); 0 = no selection, the last step is kept."""
+
     image_size: int | None = None
     """Side of the square input images; None = the digits encoder's size for backbone "digits" and for
     synthetic_digits, 224 otherwise."""
@@ -68,6 +73,9 @@ class DataConfig:
     test_csv: str | None = None
     """image_csv: CSV of the held-out images the evaluation scores on."""
 
+    val_csv: str | None = None
+    """image_csv: optional CSV of held-out images of the training sites, for model selection (as num_val)."""
+
     path_column: str = "path"
     """image_csv: column holding each image's path."""
 
@@ -83,6 +91,9 @@ class DataConfig:
     test_split: str = "id_val"
     """camelyon17: WILDS split used for evaluation ("id_val" shares the training centers, so center leakage can be
     measured; "test" holds one unseen center only)."""
+
+    val_split: str | None = None
+    """camelyon17: optional WILDS split for model selection (as num_val), e.g. "id_val" when test_split is "test"."""
 
     mean: tuple[float, ...] = IMAGENET_MEAN
     """image_csv / camelyon17: per-channel mean subtracted after scaling pixels to [0, 1]."""
@@ -101,6 +112,8 @@ class DataConfig:
         for key in ("num_train", "num_test", "num_sites", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"DataConfig.{key}: must be >= 1, got {getattr(self, key)!r}.")
+        if self.num_val < 0:
+            raise ConfigError(f"DataConfig.num_val: must be >= 0 (0 = no model selection), got {self.num_val!r}.")
         if self.num_workers < 0:
             raise ConfigError(f"DataConfig.num_workers: must be >= 0, got {self.num_workers!r}.")
         if self.image_size is not None and self.image_size < 8:
