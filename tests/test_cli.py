@@ -273,6 +273,10 @@ def test_validation_split_selects_the_saved_model(tmp_path: Path) -> None:
     best = min(range(3), key=lambda i: (history["select_leak"][i], -i))  # ties go to the later step
     assert history["selected_step"] == history["select_step"][best]
     assert f"kept h_theta from step {history['selected_step']}" in (out / "report.md").read_text()
+    # The shipped config's validation split; a smoke run generates at most eval.smoke_samples of it.
+    from dmm_wrap.apps.build import build_data
+    assert build_data(load_run_config(DEFAULT, [])).val.dataset.num_samples == 2048
+    assert build_data(load_run_config(DEFAULT, [("fit.max_steps", 5)])).val.dataset.num_samples == 512
     # Negative control: without a validation split nothing is selected.
     assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / "plain"), *fast[:-4], "--set", "data.num_val=0"]) == 0
     assert json.loads((tmp_path / "plain" / "history.json").read_text())["selected_step"] is None

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..backbones import create_backbone
-from ..config import Attribute
+from ..config import SMOKE_STEPS, Attribute
 from ..inference import Preprocessing
 from ..model import DebiasedEncoder
 from .run_config import RunConfig
@@ -70,7 +70,9 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> _Sets:
 
         options = dict(image_size=cfg.input_size(), num_sites=d.num_sites, seed=d.seed)
         train = SyntheticDigits("train", d.num_train, **options)
-        val = SyntheticDigits("val", d.num_val, **options) if d.num_val else None
+        smoke = cfg.fit.max_steps is not None and cfg.fit.max_steps < SMOKE_STEPS
+        num_val = min(d.num_val, cfg.eval.smoke_samples) if smoke else d.num_val
+        val = SyntheticDigits("val", num_val, **options) if num_val else None
         return _Sets(train, SyntheticDigits("test", d.num_test, **options), val, train.attributes, "digit", None)
     transform = run_preprocessing(cfg).transform()
     if d.kind == "image_csv":

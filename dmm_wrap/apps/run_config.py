@@ -52,7 +52,8 @@ class DataConfig:
     num_val: int = 0
     """synthetic_digits: validation images generated (the training writers, other draws) for model selection: the
     run keeps the h_theta a fresh probe reads the attributes from least on them (`fit(..., val_loader=)`, checked
-    every fit.select_every steps); 0 = no selection, the last step is kept."""
+    every fit.select_every steps); 0 = no selection, the last step is kept. A smoke run (fit.max_steps below 100)
+    generates at most eval.smoke_samples."""
 
     image_size: int | None = None
     """Side of the square input images; None = the digits encoder's size for backbone "digits" and for
