@@ -320,7 +320,13 @@ class FitConfig:
 
 
 SMOKE_STEPS = 100
-"""A run with fit.max_steps below this is a smoke run, evaluated on at most `EvalConfig.smoke_samples` samples."""
+"""A run with fit.max_steps below this is a smoke run, evaluated (and, with a validation split, selected) on at most
+`EvalConfig.smoke_samples` samples."""
+
+
+def is_smoke_run(max_steps: int | None) -> bool:
+    """Whether a run trained with fit.max_steps = `max_steps` is a smoke run (below SMOKE_STEPS)."""
+    return max_steps is not None and max_steps < SMOKE_STEPS
 
 
 @dataclass
@@ -349,8 +355,9 @@ class EvalConfig:
     """Use at most this many train and this many test samples (the first ones each loader yields); None = all."""
 
     smoke_samples: int = 512
-    """Cap on `max_samples` in a smoke run (fit.max_steps below SMOKE_STEPS = 100), so that checking the pipeline
-    end to end stays fast: probing a barely trained head on thousands of samples measures nothing."""
+    """Cap on `max_samples` (and on a run's validation samples) in a smoke run (fit.max_steps below SMOKE_STEPS =
+    100), so that checking the pipeline end to end stays fast: probing a barely trained head on thousands of samples
+    measures nothing."""
 
     tsne_samples: int = 1000
     """Test samples embedded by t-SNE for the figure (at most); 0 skips the t-SNE figure."""
@@ -372,11 +379,11 @@ class EvalConfig:
 
     def sample_cap(self, max_steps: int | None) -> int | None:
         """Samples per split to evaluate on for a run trained with `max_steps` (smoke runs are capped)."""
-        if max_steps is None or max_steps >= SMOKE_STEPS:
+        if not is_smoke_run(max_steps):
             return self.max_samples
         return min(self.max_samples or self.smoke_samples, self.smoke_samples)
 
 
-__all__ = ["Attribute", "HeadConfig", "FitConfig", "EvalConfig", "SMOKE_STEPS", "ConfigError", "MissingFileError",
-           "validate", "check_fields", "check_value", "check_choice", "known_keys", "matches",
+__all__ = ["Attribute", "HeadConfig", "FitConfig", "EvalConfig", "SMOKE_STEPS", "is_smoke_run", "ConfigError",
+           "MissingFileError", "validate", "check_fields", "check_value", "check_choice", "known_keys", "matches",
            "type_name", "got"]

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..backbones import create_backbone
-from ..config import SMOKE_STEPS, Attribute
+from ..config import Attribute, is_smoke_run
 from ..inference import Preprocessing
 from ..model import DebiasedEncoder
 from .run_config import RunConfig
@@ -70,8 +70,7 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> _Sets:
 
         options = dict(image_size=cfg.input_size(), num_sites=d.num_sites, seed=d.seed)
         train = SyntheticDigits("train", d.num_train, **options)
-        smoke = cfg.fit.max_steps is not None and cfg.fit.max_steps < SMOKE_STEPS
-        num_val = min(d.num_val, cfg.eval.smoke_samples) if smoke else d.num_val
+        num_val = min(d.num_val, cfg.eval.smoke_samples) if is_smoke_run(cfg.fit.max_steps) else d.num_val
         val = SyntheticDigits("val", num_val, **options) if num_val else None
         return _Sets(train, SyntheticDigits("test", d.num_test, **options), val, train.attributes, "digit", None)
     transform = run_preprocessing(cfg).transform()
