@@ -364,11 +364,13 @@ def test_image_csv_eval_split_and_saved_model_use_the_training_vocabulary(tmp_pa
     alone = ImageCSVDataset(tmp_path, tmp_path / "test.csv", attributes, label_column="label")
     assert alone.attrs[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]  # control: without the vocabulary the ids shift
 
-    # eval reads both splits with the saved vocabulary, even when its config's training CSV lacks A.
+    # eval reads both splits with the saved vocabulary, even when its config's training CSV lacks A. The validation
+    # CSV is fit's (model selection): eval neither builds nor reads it, so a missing one is no error there.
     assert main(["eval", str(out / "model"), write_config("eval.yaml", "test.csv", "test.csv"),
-                 "--output-dir", str(tmp_path / "eval"), *fast]) == 0
+                 "--output-dir", str(tmp_path / "eval"), *fast, "--set", f"data.val_csv={tmp_path / 'gone.csv'}"]) == 0
     assert [d.attrs[:, 0].tolist() for d in (loaded[-1].train.dataset, loaded[-1].test.dataset)] == [
         [2.0, 1.0, 2.0, 1.0]] * 2
+    assert loaded[-1].val is None
     assert (tmp_path / "eval" / "metrics.json").is_file()
 
     capsys.readouterr()

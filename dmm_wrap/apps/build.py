@@ -62,8 +62,9 @@ class _Sets(NamedTuple):
     vocabulary: dict[str, list[str]] | None
 
 
-def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> _Sets:
-    """The data sets of `cfg.data` (the validation set None unless configured); only the chosen kind is imported."""
+def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None, with_val: bool) -> _Sets:
+    """The data sets of `cfg.data` (the validation set None unless configured and `with_val`); only the chosen kind
+    is imported."""
     d = cfg.data
     if d.kind == "synthetic_digits":
         from .digits import SyntheticDigits
@@ -71,7 +72,7 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> _Sets:
         options = dict(image_size=cfg.input_size(), num_sites=d.num_sites, seed=d.seed)
         train = SyntheticDigits("train", d.num_train, **options)
         num_val = min(d.num_val, cfg.eval.smoke_samples) if is_smoke_run(cfg.fit.max_steps) else d.num_val
-        val = SyntheticDigits("val", num_val, **options) if num_val else None
+        val = SyntheticDigits("val", num_val, **options) if num_val and with_val else None
         return _Sets(train, SyntheticDigits("test", d.num_test, **options), val, train.attributes, "digit", None)
     transform = run_preprocessing(cfg).transform()
     if d.kind == "image_csv":
@@ -84,26 +85,27 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None) -> _Sets:
             return None if csv is None else ImageCSVDataset(d.root, csv, d.attributes, vocabulary=train.vocabulary,
                                                             **options)
 
-        return _Sets(train, held_out(d.test_csv), held_out(d.val_csv), tuple(d.attributes),
+        return _Sets(train, held_out(d.test_csv), held_out(d.val_csv if with_val else None), tuple(d.attributes),
                      d.label_column or "label", train.vocabulary)
     from ..data import camelyon17
 
     train = camelyon17(d.root, split=d.train_split, transform=transform)
     test = camelyon17(d.root, split=d.test_split, transform=transform)
-    val = camelyon17(d.root, split=d.val_split, transform=transform) if d.val_split else None
+    val = camelyon17(d.root, split=d.val_split, transform=transform) if d.val_split and with_val else None
     return _Sets(train, test, val, train.attributes, "tumor", None)
 
 
 def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
-               vocabulary: dict[str, list[str]] | None = None) -> RunData:
+               vocabulary: dict[str, list[str]] | None = None, with_val: bool = True) -> RunData:
     """Datasets and loaders described by `cfg.data` (imported lazily: only the chosen kind is loaded).
 
     With `world_size` > 1 the training loader reads this rank's shard (SyntheticDigits.shard, or a
     DistributedSampler seeded with data.seed); the evaluation loaders are never sharded. image_csv: the test CSV
     is read with the training CSV's vocabulary, or both with `vocabulary` (what a saved model recorded) when given.
+    `with_val=False` leaves the validation set (model selection's, read by `fit` only) unbuilt and unread.
     """
     d = cfg.data
-    sets = _datasets(cfg, vocabulary)
+    sets = _datasets(cfg, vocabulary, with_val)
     # Page-locked batches let the host-to-GPU copies (non_blocking in the trainer) overlap with compute.
     pin = (cfg.fit.device or "").startswith("cuda") and torch.cuda.is_available()
 

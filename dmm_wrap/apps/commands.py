@@ -147,7 +147,7 @@ def _saved_model_and_data(cfg: RunConfig, folder: Path) -> tuple[DebiasedEncoder
     model = DebiasedEncoder.from_pretrained(folder)
     if cfg.fit.device is not None:
         model.to(cfg.fit.device)
-    data = build_data(cfg, vocabulary=model.vocabulary)
+    data = build_data(cfg, vocabulary=model.vocabulary, with_val=False)  # selection is fit's alone
     if [a.name for a in model.attributes] != [a.name for a in data.attributes]:
         raise ConfigError(f"The model removes {[a.name for a in model.attributes]} but the config's data has "
                           f"{[a.name for a in data.attributes]}; use the config it was trained with.")
