@@ -181,7 +181,7 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
         return SplitData(batch.images, batch.attrs, batch.labels, _writer_detail(ds))
 
     # The shipped config's fit section (configs/synthetic_digits.yaml), on half its training set and epochs.
-    options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.9, "estimator_steps": 5}
+    options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.9, "estimator_steps": 5, "ema_decay": 0.995}
     return Problem("digits", backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
                    fit_options=options)
 

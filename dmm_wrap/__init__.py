@@ -7,7 +7,7 @@ from .backbones import BackboneSpec, create_backbone  # noqa: E402
 from .train.checkpoint import TrainingInterrupted  # noqa: E402
 from .config import Attribute, ConfigError, FitConfig, HeadConfig  # noqa: E402
 from .apps.digits import SYNTHETIC_ATTRIBUTES, SyntheticDigits  # noqa: E402
-from .data import ImageCSVDataset, camelyon17  # noqa: E402
+from .data import HFImageDataset, ImageCSVDataset, camelyon17  # noqa: E402
 from .io.hub import push_folder_to_hub  # noqa: E402
 from .inference import Preprocessing  # noqa: E402
 from .model import DebiasedEncoder  # noqa: E402
@@ -28,6 +28,6 @@ def __getattr__(name: str) -> object:
 
 __all__ = ["Attribute", "AuditConfig", "AuditReport", "BackboneSpec", "ConfigError", "DebiasedEncoder", "FitConfig",
            "FitHistory",
-           "HeadConfig", "ImageCSVDataset", "Preprocessing", "SYNTHETIC_ATTRIBUTES", "SyntheticDigits",
+           "HFImageDataset", "HeadConfig", "ImageCSVDataset", "Preprocessing", "SYNTHETIC_ATTRIBUTES", "SyntheticDigits",
            "TrainingInterrupted", "__version__", "audit", "camelyon17", "create_backbone", "distributed",
            "load_digits_encoder", "push_folder_to_hub"]

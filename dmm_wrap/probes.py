@@ -7,6 +7,7 @@ scikit-learn.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,10 @@ def mlp_leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarray, te
     if attribute.kind == "categorical":
         return classifier_score(mlp_probe(cfg, regression=False), train_x, train_b.astype(np.int64), test_x,
                                 test_b.astype(np.int64), balanced_accuracy)
-    model = mlp_probe(cfg, regression=True).fit(train_x, train_b.astype(np.float64))
+    model = mlp_probe(cfg, regression=True)
+    if math.ceil(0.1 * len(train_b)) < 2:  # early stopping's validation split (a tenth) needs >= 2 rows
+        model.set_params(regressor__mlpregressor__early_stopping=False)
+    model.fit(train_x, train_b.astype(np.float64))
     return float(r2_score(test_b.astype(np.float64), model.predict(test_x)))
 
 

@@ -272,7 +272,9 @@ def test_validation_split_selects_the_saved_model(tmp_path: Path) -> None:
     assert history["select_step"] == [2, 4, 5] and len(history["select_leak"]) == 3
     best = min(range(3), key=lambda i: (history["select_leak"][i], -i))  # ties go to the later step
     assert history["selected_step"] == history["select_step"][best]
-    assert f"kept h_theta from step {history['selected_step']}" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert f"kept h_theta from step {history['selected_step']}" in report
+    assert "h_theta is the moving average of its weights (ema_decay=0.995)" in report  # the shipped config's
     # The shipped config's validation split; a smoke run generates at most eval.smoke_samples of it.
     from dmm_wrap.apps.build import build_data
     assert build_data(load_run_config(DEFAULT, [])).val.dataset.num_samples == 2048

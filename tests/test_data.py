@@ -277,6 +277,8 @@ def test_camelyon17_reads_the_wilds_layout_and_splits(camelyon_root: Path) -> No
     assert image.shape == (3, 8, 8) and torch.allclose(image, torch.full((3, 8, 8), 120 / 255))
     splits = {s: camelyon17(camelyon_root, split=s).attrs[:, 0].tolist() for s in ("train", "id_val", "val", "test")}
     assert splits == {"train": [0.0, 3.0], "id_val": [0.0], "val": [1.0], "test": [2.0]}
+    # Several splits: their patches together, in the metadata's order.
+    assert camelyon17(camelyon_root, split=["test", "id_val"]).attrs[:, 0].tolist() == [0.0, 2.0]
     # The folder holding camelyon17_v1.0 (as wilds downloads it) works too, and centers filter.
     by_center = Camelyon17Patches(camelyon_root.parent, centers=[0, 3], check_files=False)
     assert by_center.labels.tolist() == [1, 0, 1]
@@ -285,8 +287,10 @@ def test_camelyon17_reads_the_wilds_layout_and_splits(camelyon_root: Path) -> No
 def test_camelyon17_errors(camelyon_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dmm_wrap never downloads"):
         camelyon17(tmp_path / "empty")
-    with pytest.raises(ValueError, match="split must be None or one of"):
+    with pytest.raises(ValueError, match="split must be None, one of .* or a list of them"):
         camelyon17(camelyon_root, split="validation")
+    with pytest.raises(ValueError, match="split must be None, one of"):
+        camelyon17(camelyon_root, split=["id_val", "heldout"])
     with pytest.raises(ValueError, match="centers must be a non-empty list of ids in 0..4"):
         camelyon17(camelyon_root, centers=[7])
     with pytest.raises(ValueError, match="No Camelyon17 patch matches"):

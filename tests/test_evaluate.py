@@ -162,3 +162,16 @@ def test_probe_survives_a_class_seen_once() -> None:
     # two separable classes alone give about (0.85 + 0.85 + 0) / 3 = 0.57 (measured 0.566), against chance 1/3.
     assert leak.metric == "balanced_accuracy" and leak.chance == pytest.approx(1 / 3)
     assert leak.mlp > 0.5 and leak.linear > 0.5
+
+
+def test_regression_probe_on_ten_rows_reads_a_planted_value() -> None:
+    """Early stopping holds out a tenth of the rows, which needs at least 2: on 10 rows the probe trains without it."""
+    from dmm_wrap.probes import mlp_leakage
+
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=40)
+    x = np.c_[b, rng.normal(size=(40, 3))]
+    r2 = mlp_leakage(x[:10], b[:10], x[10:], b[10:], Attribute("dose", "continuous"), FAST)
+    assert r2 > 0.5  # a value written into the features, read back from 10 training rows
+    noise = mlp_leakage(x[:10, 1:], b[:10], x[10:, 1:], b[10:], Attribute("dose", "continuous"), FAST)
+    assert noise < 0.2  # negative control: features that do not hold it

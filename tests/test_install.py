@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "synthetic_digits.yaml")
-OPTIONAL = ("matplotlib", "concept_erasure", "onnx", "onnxscript", "onnxruntime", "ot", "pytest")
+OPTIONAL = ("matplotlib", "concept_erasure", "datasets", "onnx", "onnxscript", "onnxruntime", "ot", "pytest")
 """Top-level modules of the packages in pyproject's optional-dependencies, none of them in `dependencies`."""
 
 BASE_INSTALL = textwrap.dedent("""

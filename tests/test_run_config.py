@@ -19,7 +19,8 @@ def error_of(values: dict) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("name", ["synthetic_digits.yaml", "image_csv_example.yaml", "camelyon17.yaml"])
+@pytest.mark.parametrize("name", ["synthetic_digits.yaml", "image_csv_example.yaml", "camelyon17.yaml",
+                                  "hf_dataset_example.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_run_config(CONFIGS / name)
     assert isinstance(cfg, RunConfig)
@@ -98,6 +99,9 @@ def test_run_sections_check_their_own_types() -> None:
     ({"data": {"kind": "image_csv", "root": "r", "csv": "a.csv", "test_csv": "b.csv"}}, "data.attributes"),
     ({"data": {"kind": "image_csv", "root": "r", "test_csv": "b.csv", "attributes": []}}, "data.csv"),
     ({"data": {"kind": "camelyon17"}}, "data.root"),
+    ({"data": {"kind": "hf_dataset", "attributes": [{"name": "s", "kind": "continuous"}]}}, "data.dataset"),
+    ({"data": {"kind": "hf_dataset", "dataset": "d"}}, "data.attributes"),
+    ({"fit": {"ema_decay": 1.0}}, "fit.ema_decay"),
     ({"data": {"attributes": [{"name": "s", "kind": "continuous"}]}}, "data.attributes"),
     ({"data": {"kind": "image_csv", "root": "r", "csv": "a", "test_csv": "b",
                "attributes": [{"name": "s", "kind": "categorical"}]}}, "data.attributes[0]"),

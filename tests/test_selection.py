@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import loader_of, make_site_problem
+from conftest import loader_of, site_data, site_encoder
 from dmm_wrap import Attribute, DebiasedEncoder
 from dmm_wrap.train.selection import probe_leakage
 
@@ -16,14 +15,11 @@ SITE = [Attribute("site", "categorical", 3)]
 
 
 def _model() -> DebiasedEncoder:
-    torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32))
-    return DebiasedEncoder(backbone, None, SITE)
+    return site_encoder(SITE)
 
 
 def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, _, s = make_site_problem(320, seed)
-    return x, s.float()[:, None]
+    return site_data(320, seed)
 
 
 def _fit(model: DebiasedEncoder, steps: int, val: bool, **options):

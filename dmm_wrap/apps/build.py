@@ -33,16 +33,16 @@ class RunData(NamedTuple):
     label_name: str
     """What the task label is (for figure titles)."""
     vocabulary: dict[str, list[str]] | None = None
-    """image_csv: the training split's string labels per column (`ImageCSVDataset.vocabulary`), which the held-out
-    split was read with and the model records; None for data without text labels."""
+    """image_csv / hf_dataset: the training split's string labels per column (`ImageCSVDataset.vocabulary`), which
+    the held-out split was read with and the model records; None for data without text labels."""
     val: DataLoader | None = None
     """Held-out batches of the training sites for model selection (`fit(..., val_loader=)`); None = none
     configured. Sharded like `train` under torchrun: each rank reads its share of the selection sample."""
 
 
 def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
-    """How images of an image_csv / camelyon17 run become tensors; saved with the model so that `model.preprocess`
-    and `model.embed` see what training saw. Synthetic digits are generated as tensors: None."""
+    """How images of an image_csv / camelyon17 / hf_dataset run become tensors; saved with the model so that
+    `model.preprocess` and `model.embed` see what training saw. Synthetic digits are generated as tensors: None."""
     d = cfg.data
     if d.kind == "synthetic_digits":
         return None
@@ -70,9 +70,9 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None, with_val:
         from .digits import SyntheticDigits
 
         options = dict(image_size=cfg.input_size(), num_sites=d.num_sites, seed=d.seed)
-        train = SyntheticDigits("train", d.num_train, **options)
+        train = SyntheticDigits("train", d.num_train, sites=d.train_sites, **options)
         num_val = min(d.num_val, cfg.eval.smoke_samples) if is_smoke_run(cfg.fit.max_steps) else d.num_val
-        val = SyntheticDigits("val", num_val, **options) if num_val and with_val else None
+        val = SyntheticDigits("val", num_val, sites=d.train_sites, **options) if num_val and with_val else None
         return _Sets(train, SyntheticDigits("test", d.num_test, **options), val, train.attributes, "digit", None)
     transform = run_preprocessing(cfg).transform()
     if d.kind == "image_csv":
@@ -87,11 +87,26 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None, with_val:
 
         return _Sets(train, held_out(d.test_csv), held_out(d.val_csv if with_val else None), tuple(d.attributes),
                      d.label_column or "label", train.vocabulary)
+    if d.kind == "hf_dataset":
+        from ..data.hf import HFImageDataset, hf_split, load_hf_splits
+
+        assert d.dataset is not None  # DataConfig checks it
+        splits = load_hf_splits(d.dataset)
+        hf_options = dict(image_column=d.image_column, label_column=d.label_column, transform=transform)
+
+        def split(name: str, vocab: dict[str, list[str]] | None) -> HFImageDataset:
+            return HFImageDataset(hf_split(splits, name.split("+"), d.dataset), d.attributes, vocabulary=vocab,
+                                  source=f"Hugging Face dataset {d.dataset!r}, split {name!r}", **hf_options)
+
+        train = split(d.train_split, vocabulary)
+        val = split(d.val_split, train.vocabulary) if d.val_split and with_val else None
+        return _Sets(train, split(d.test_split or "test", train.vocabulary), val, tuple(d.attributes),
+                     d.label_column or "label", train.vocabulary)
     from ..data import camelyon17
 
-    train = camelyon17(d.root, split=d.train_split, transform=transform)
-    test = camelyon17(d.root, split=d.test_split, transform=transform)
-    val = camelyon17(d.root, split=d.val_split, transform=transform) if d.val_split and with_val else None
+    train = camelyon17(d.root, split=d.train_split.split("+"), transform=transform)
+    test = camelyon17(d.root, split=(d.test_split or "id_val").split("+"), transform=transform)
+    val = camelyon17(d.root, split=d.val_split.split("+"), transform=transform) if d.val_split and with_val else None
     return _Sets(train, test, val, train.attributes, "tumor", None)
 
 

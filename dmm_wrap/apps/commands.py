@@ -21,9 +21,10 @@ from ..model import DebiasedEncoder
 from ..train import distributed
 from ..train.loop import FitHistory
 from .build import RunData, build_data, build_model, cpu_threads
-from .evaluate import Metrics, compare_methods, extract_features
+from .evaluate import Metrics, compare_methods, compare_transfer, extract_features, method_views
 from .leakage import audit
-from .report import format_table, format_targets, plot_tsne, plot_training_curves, write_report
+from .report import (format_table, format_targets, format_transfer, plot_training_curves, plot_transfer, plot_tsne,
+                     write_report)
 from .run_config import OPTION_KEYS, RunConfig, load_run_config, parse_override, write_run_config
 from .sweep import Sweep, SweepRun, parse_sweep, run_folders
 from .targets import check_targets
@@ -60,9 +61,12 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
         _warn("LEACE skipped: it needs concept-erasure, pip install 'dmm-wrap[eval]' (or set eval.leace: false).")
         skipped.append("LEACE was skipped: concept-erasure is not installed (pip install 'dmm-wrap[eval]').")
         ecfg = dataclasses.replace(ecfg, leace=False)
-    methods = compare_methods(train, test, data.attributes, ecfg)
+    views = method_views(train, test, data.attributes, ecfg)
+    methods = compare_methods(train, test, data.attributes, ecfg, views)
+    transfer = compare_transfer(train, test, data.attributes, ecfg, views)
     figures = [name for name, wanted in (("tsne.png", ecfg.tsne_samples > 0),
-                                         ("training_curves.png", history is not None and bool(history.step))) if wanted]
+                                         ("training_curves.png", history is not None and bool(history.step)),
+                                         ("transfer.png", bool(transfer))) if wanted]
     if figures and not _importable("matplotlib"):
         _warn(f"figures skipped ({', '.join(figures)}): they need matplotlib, pip install 'dmm-wrap[report]'.")
         skipped.append(f"Figures skipped ({', '.join(figures)}): matplotlib is not installed "
@@ -73,14 +77,19 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
     if "training_curves.png" in figures:
         assert history is not None
         plot_training_curves(history, out / "training_curves.png")
-    metrics = Metrics(methods, time.perf_counter() - start, file_sha256(weights) if weights is not None else None)
+    metrics = Metrics(methods, time.perf_counter() - start, file_sha256(weights) if weights is not None else None,
+                      transfer)
+    if "transfer.png" in figures:
+        plot_transfer(metrics, out / "transfer.png")
     targets = check_targets(metrics)
     notes = [f"Evaluated on {len(train.raw)} train and {len(test.raw)} test samples"
              + (" (smoke run: eval.smoke_samples cap)." if cap is not None and cap != ecfg.max_samples else ".")]
     notes += skipped
     if history is not None:
         notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
-                     f"estimator_steps={cfg.fit.estimator_steps}).")
+                     f"estimator_steps={cfg.fit.estimator_steps})"
+                     + (f"; h_theta is the moving average of its weights (ema_decay={cfg.fit.ema_decay})."
+                        if cfg.fit.ema_decay is not None else "."))
         if history.selected_step is not None:
             checks = ", ".join(f"{step}: {leak:.3f}" for step, leak in zip(history.select_step, history.select_leak))
             notes.append(f"Model selection kept h_theta from step {history.selected_step}: a fresh probe on the "
@@ -91,6 +100,9 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
     write_run_config(cfg, out / "config.yaml")
     print(format_table(metrics))
     print()
+    if metrics.transfer:
+        print(format_transfer(metrics))
+        print()
     print(format_targets(targets).replace("**", ""))
     print(f"\nWall time {metrics.wall_seconds:.1f} s. Outputs in {out}/")
     return metrics
@@ -214,7 +226,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     # Every run's config is checked before the first one starts: a bad value fails now, not after hours.
     configs = [load_run_config(args.config, [*overrides, (spec.key, value), ("output_dir", str(out / folder))])
                for value, folder in zip(spec.values, folders)]
-    if configs[0].data.kind == "image_csv" and configs[0].data.label_column is None:
+    if configs[0].data.kind in ("image_csv", "hf_dataset") and configs[0].data.label_column is None:
         raise ConfigError("data.label_column: the sweep's figure puts task accuracy on x, which needs task labels.")
     sweep = Sweep(spec.key, spec.values)
     for i, (value, cfg) in enumerate(zip(spec.values, configs)):

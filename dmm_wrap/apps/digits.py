@@ -149,6 +149,9 @@ class SyntheticDigits(IterableDataset):
         image_size: side S of the square images (>= 16).
         num_sites: number of acquisition sites, 2..8 (the categorical attribute).
         seed: generation seed; a different seed gives different samples.
+        sites: the site ids (in 0..num_sites-1) samples are drawn from, uniformly; None = every site. The attribute
+            still has `num_sites` classes, so a test split of every site holds sites a training split of some never
+            had (`data.train_sites`: transfer to an unseen site).
 
     Example:
         >>> ds = SyntheticDigits("train", 10_000)
@@ -156,7 +159,7 @@ class SyntheticDigits(IterableDataset):
     """
 
     def __init__(self, split: Split, num_samples: int, image_size: int = 32, num_sites: int = 3,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sites: Sequence[int] | None = None) -> None:
         super().__init__()
         _check_split(split)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
@@ -168,11 +171,17 @@ class SyntheticDigits(IterableDataset):
                              f"got {num_sites!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+        if sites is not None and (not sites or len(set(sites)) != len(sites) or any(
+                not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < num_sites for s in sites)):
+            raise ValueError(f"sites must be None or distinct site ids in 0..{num_sites - 1} (num_sites={num_sites}), "
+                             f"got {sites!r}.")
         self.split: Split = split
         self.num_samples = num_samples
         self.image_size = image_size
         self.num_sites = num_sites
         self.seed = seed
+        self.sites: tuple[int, ...] = tuple(range(num_sites)) if sites is None else tuple(sorted(sites))
+        """The site ids samples are drawn from."""
         self.source_indices = source_indices(split)
         self._shard = (1, 0)
 
@@ -253,7 +262,8 @@ class SyntheticDigits(IterableDataset):
         src = pool[(draws[:, 0] * len(pool)).long().clamp_max(len(pool) - 1)]
         angle = (2 * draws[:, 1] - 1) * MAX_ROTATION
         width = 2 * draws[:, 2] - 1
-        site = (draws[:, 3] * self.num_sites).long().clamp_max(self.num_sites - 1)
+        pick = (draws[:, 3] * len(self.sites)).long().clamp_max(len(self.sites) - 1)
+        site = torch.tensor(self.sites)[pick]  # with every site: the site is `pick` itself
         gain = 0.9 + 0.2 * draws[:, 4]
 
         # Upsample the digit to 3/4 of the frame and centre it, so that rotation keeps it inside.

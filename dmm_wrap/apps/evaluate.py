@@ -32,6 +32,7 @@ from ..io.serialization import WEIGHTS_SHA_KEY, write_text_atomically
 from ..model import DebiasedEncoder
 from ..probes import balanced_accuracy, classifier_score, linear_classifier, mlp_leakage
 from .targets import CHANCE_MARGIN, MAX_R2
+from .transfer import Transfer, transfer_metrics
 
 Method = Literal["raw", "leace", "dmm"]
 LeakageMetric = Literal["balanced_accuracy", "r2"]
@@ -99,6 +100,9 @@ class Metrics:
     """Wall time of the whole run that produced them."""
     weights_sha256: str | None = None
     """sha256 of the model.safetensors evaluated, so that metrics.json is tied to those weights (None: unknown)."""
+    transfer: list[Transfer] = field(default_factory=list)
+    """Task accuracy and AUROC on the test rows of attribute classes training saw and of those it never saw (a
+    held-out site); empty when every test class was seen (`dmm_wrap.apps.transfer`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """What metrics.json holds (strict JSON)."""
@@ -115,6 +119,8 @@ class Metrics:
         }
         if self.weights_sha256 is not None:
             out[WEIGHTS_SHA_KEY] = self.weights_sha256
+        if self.transfer:
+            out["transfer"] = [t.to_dict() for t in self.transfer]
         return out
 
     @classmethod
@@ -124,7 +130,8 @@ class Metrics:
             name: MethodMetrics(m["task_accuracy"], {attr: Leakage(**lk) for attr, lk in m["leakage"].items()})
             for name, m in d["methods"].items()
         }
-        return cls(methods, float(d["wall_seconds"]), d.get(WEIGHTS_SHA_KEY))
+        return cls(methods, float(d["wall_seconds"]), d.get(WEIGHTS_SHA_KEY),
+                   [Transfer.from_dict(t) for t in d.get("transfer", [])])
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write metrics.json (strict JSON: no NaN), atomically."""
@@ -242,9 +249,13 @@ def attribute_leakage(train_x: np.ndarray, train_b: np.ndarray, test_x: np.ndarr
                       attribute: Attribute, cfg: EvalConfig) -> Leakage:
     """Linear and MLP probes of one attribute, trained on the train features and scored on the test features.
 
-    Categorical: balanced accuracy (the mean recall over the classes of the test labels), chance 1/K. Continuous:
-    R^2 (0 for the mean, negative when worse).
+    Categorical: balanced accuracy (the mean recall over the classes of the test labels), chance 1/K; test rows of
+    classes that no train row has are left out (no probe can name a class it never saw: such rows are what the
+    transfer evaluation scores, `dmm_wrap.apps.transfer`). Continuous: R^2 (0 for the mean, negative when worse).
     """
+    if attribute.kind == "categorical":
+        seen = np.isin(test_b.astype(np.int64), np.unique(train_b.astype(np.int64)))
+        test_x, test_b = test_x[seen], test_b[seen]
     mlp = mlp_leakage(train_x, train_b, test_x, test_b, attribute, cfg)
     if attribute.kind == "categorical":
         y_train, y_test = train_b.astype(np.int64), test_b.astype(np.int64)
@@ -275,22 +286,38 @@ def probe_method(train_x: np.ndarray, test_x: np.ndarray, train: FeatureSet, tes
     return MethodMetrics(acc, probe_leakage(train_x, train.attrs, test_x, test.attrs, attributes, cfg))
 
 
+def method_views(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
+                 cfg: EvalConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(train, test) features of each evaluated method: raw Z, LEACE-erased Z (the eraser fitted on the train raw
+    features; with `cfg.leace`) and DeepMinMax Z~."""
+    views = {"raw": (train.raw, test.raw)}
+    if cfg.leace:
+        eraser = fit_leace(train.raw, train.attrs, attributes)
+        views["leace"] = (apply_eraser(eraser, train.raw), apply_eraser(eraser, test.raw))
+    views["dmm"] = (train.debiased, test.debiased)
+    return views
+
+
 def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
-                    cfg: EvalConfig | None = None) -> dict[str, MethodMetrics]:
-    """Probe raw Z, LEACE-erased Z (fitted on the train raw features) and DeepMinMax Z~ with the same protocol.
+                    cfg: EvalConfig | None = None,
+                    views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, MethodMetrics]:
+    """Probe raw Z, LEACE-erased Z (fitted on the train raw features) and DeepMinMax Z~ with the same protocol
+    (`views`: those features, when `method_views` already computed them).
 
     Example:
         >>> methods = compare_methods(train, test, encoder.attributes)
         >>> methods["dmm"].leakage["site"].mlp
     """
     cfg = cfg or EvalConfig()
-    views = {"raw": (train.raw, test.raw)}
-    if cfg.leace:
-        eraser = fit_leace(train.raw, train.attrs, attributes)
-        views["leace"] = (apply_eraser(eraser, train.raw), apply_eraser(eraser, test.raw))
-    views["dmm"] = (train.debiased, test.debiased)
+    views = views if views is not None else method_views(train, test, attributes, cfg)
     return {name: probe_method(x_train, x_test, train, test, attributes, cfg)
             for name, (x_train, x_test) in views.items()}
+
+
+def compare_transfer(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute], cfg: EvalConfig,
+                     views: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[Transfer]:
+    """`transfer_metrics` of the methods' `views`: seen against unseen classes of each categorical attribute."""
+    return transfer_metrics(views, train.attrs, train.labels, test.attrs, test.labels, attributes, cfg)
 
 
 def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterable,
@@ -314,10 +341,12 @@ def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterab
     start = time.perf_counter()
     train = extract_features(model, train_loader, cfg.max_samples)
     test = extract_features(model, test_loader, cfg.max_samples)
-    methods = compare_methods(train, test, model.attributes, cfg)
-    return Metrics(methods, time.perf_counter() - start)
+    views = method_views(train, test, model.attributes, cfg)
+    methods = compare_methods(train, test, model.attributes, cfg, views)
+    transfer = compare_transfer(train, test, model.attributes, cfg, views)
+    return Metrics(methods, time.perf_counter() - start, transfer=transfer)
 
 
 __all__ = ["EvalConfig", "FeatureSet", "Collected", "Leakage", "MethodMetrics", "Metrics", "METHODS", "collect_batches",
            "extract_features", "encode_attributes", "fit_leace", "apply_eraser", "task_accuracy", "attribute_leakage",
-           "probe_leakage", "compare_methods", "evaluate"]
+           "probe_leakage", "method_views", "compare_methods", "compare_transfer", "evaluate"]

@@ -18,6 +18,7 @@ from ..io.serialization import write_text_atomically
 from ..train.loop import FitHistory
 from .evaluate import FeatureSet, Metrics
 from .targets import CHANCE_MARGIN, MAX_R2, TargetRow
+from .transfer import GROUPS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -62,6 +63,24 @@ def format_table(metrics: Metrics) -> str:
     return markdown_table(header, rows)
 
 
+def format_transfer(metrics: Metrics) -> str:
+    """Markdown: for each attribute with classes training never saw, task accuracy and AUROC per method on the test
+    rows of seen and of unseen classes (empty when there is none)."""
+    parts = []
+    for t in metrics.transfer:
+        first = next(iter(t.methods.values()))
+        counts = ", ".join(f"{g} {s.samples}" if s is not None else f"{g} 0" for g, s in first.items())
+        parts.append(f"Transfer to {t.attribute} {list(t.unseen)}, never seen in training (test rows: {counts}):")
+        parts.append("")
+        rows = [[METHOD_TITLES.get(m, m)] + [cell for g in GROUPS for cell in (
+            (_fmt(groups[g].accuracy), _fmt(groups[g].auroc)) if groups.get(g) is not None else ("—", "—"))]
+                for m, groups in t.methods.items()]
+        parts.append(markdown_table(["method", "seen task acc", "seen AUROC", "unseen task acc", "unseen AUROC"],
+                                    rows))
+        parts.append("")
+    return "\n".join(parts).rstrip("\n")
+
+
 def format_targets(rows: Sequence[TargetRow]) -> str:
     """One Markdown bullet per target: MET / NOT MET, the measurement and the threshold."""
     if not rows:
@@ -83,6 +102,7 @@ def render_report(metrics: Metrics, targets: Sequence[TargetRow], figures: Seque
         "",
         format_table(metrics),
         "",
+        *([format_transfer(metrics), ""] if metrics.transfer else []),
         f"## Targets ({met}/{len(targets)} met)",
         "",
         format_targets(targets),
@@ -206,6 +226,37 @@ def plot_training_curves(history: FitHistory, path: str | os.PathLike) -> Path:
     return path
 
 
+def plot_transfer(metrics: Metrics, path: str | os.PathLike) -> Path:
+    """Bars of task accuracy and AUROC per method on the seen and the unseen classes, one row of panels per
+    attribute of `metrics.transfer`.
+
+    Example:
+        >>> plot_transfer(metrics, "runs/x/transfer.png")
+    """
+    if not metrics.transfer:
+        raise ValueError("plot_transfer needs metrics with a transfer evaluation (test classes unseen in training).")
+    fig = _figure(len(metrics.transfer), 2, (4.4, 3.2))
+    axes = fig.subplots(len(metrics.transfer), 2, squeeze=False)
+    for row, t in zip(axes, metrics.transfer):
+        methods = list(t.methods)
+        width = 0.8 / len(methods)
+        for ax, score in zip(row, ("accuracy", "auroc")):
+            for k, method in enumerate(methods):
+                values = [getattr(t.methods[method][g], score) if t.methods[method].get(g) is not None else None
+                          for g in GROUPS]
+                xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(GROUPS))]
+                ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
+                       width, label=METHOD_TITLES.get(method, method), color=f"C{k}")
+            ax.set_xticks(range(len(GROUPS)), [f"{g} {t.attribute}" for g in GROUPS])
+            ax.set_ylabel("task " + ("accuracy" if score == "accuracy" else "AUROC (one-vs-rest)"))
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"{t.attribute} {list(t.unseen)} unseen in training", fontsize=9)
+        row[0].legend(fontsize=7, loc="lower left")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_tradeoff(points: Sequence[tuple[str, Metrics]], path: str | os.PathLike, title: str = "") -> Path:
     """Task accuracy (x) against the MLP-probe leakage of each attribute (y), one panel per attribute.
 
@@ -255,5 +306,5 @@ def plot_tradeoff(points: Sequence[tuple[str, Metrics]], path: str | os.PathLike
     return path
 
 
-__all__ = ["format_table", "markdown_table", "format_targets", "render_report", "write_report", "embed_tsne",
-           "plot_tsne", "plot_training_curves", "plot_tradeoff", "METHOD_TITLES"]
+__all__ = ["format_table", "format_transfer", "markdown_table", "format_targets", "render_report", "write_report",
+           "embed_tsne", "plot_tsne", "plot_training_curves", "plot_transfer", "plot_tradeoff", "METHOD_TITLES"]

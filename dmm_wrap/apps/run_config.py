@@ -28,7 +28,7 @@ from ..inference import IMAGENET_MEAN, IMAGENET_STD
 from ..io.serialization import write_text_atomically
 from .leakage import AuditConfig
 
-DataKind = Literal["synthetic_digits", "image_csv", "camelyon17"]
+DataKind = Literal["synthetic_digits", "image_csv", "camelyon17", "hf_dataset"]
 
 OPTION_KEYS: dict[str, str] = {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device",
                                "resume": "fit.resume", "overwrite": "fit.overwrite_checkpoints"}
@@ -40,8 +40,9 @@ class DataConfig:
     """Where the images and attributes come from, and how they are batched."""
 
     kind: DataKind = "synthetic_digits"
-    """"synthetic_digits" (generated, nothing to download), "image_csv" (your images + a CSV of attributes) or
-    "camelyon17" (the WILDS layout; attribute: center)."""
+    """"synthetic_digits" (generated, nothing to download), "image_csv" (your images + a CSV of attributes),
+    "camelyon17" (the WILDS layout; attribute: center) or "hf_dataset" (a Hugging Face `datasets` DatasetDict with
+    an image column and attribute columns)."""
 
     num_train: int = 8192
     """synthetic_digits: training images generated."""
@@ -54,6 +55,11 @@ class DataConfig:
     run keeps the h_theta a fresh probe reads the attributes from least on them (`fit(..., val_loader=)`, checked
     every fit.select_every steps); 0 = no selection, the last step is kept. A smoke run (fit.max_steps below 100)
     generates at most eval.smoke_samples."""
+
+    train_sites: list[int] | None = None
+    """synthetic_digits: the site ids the training and validation images come from, e.g. [0, 1, 2] with num_sites 4;
+    the test images come from every site, so the evaluation also scores the task on a site that neither fit nor the
+    task classifier ever saw (transfer: seen and unseen sites in report.md and metrics.json). None = every site."""
 
     image_size: int | None = None
     """Side of the square input images; None = the digits encoder's size for backbone "digits" and for
@@ -77,24 +83,35 @@ class DataConfig:
     val_csv: str | None = None
     """image_csv: optional CSV of held-out images of the training sites, for model selection (as num_val)."""
 
+    dataset: str | None = None
+    """hf_dataset: a folder written by `DatasetDict.save_to_disk` (relative to the working dir), or a dataset name
+    on the Hub (`datasets.load_dataset`, which needs the network or its cache)."""
+
+    image_column: str = "image"
+    """hf_dataset: column of the images (an `Image` feature)."""
+
     path_column: str = "path"
     """image_csv: column holding each image's path."""
 
     label_column: str | None = None
-    """image_csv: column of the task label (integer class ids); None = no task accuracy is measured."""
+    """image_csv / hf_dataset: column of the task label (class ids, string labels or a ClassLabel); None = no task
+    accuracy is measured."""
 
     attributes: list[Attribute] = field(default_factory=list)
-    """image_csv: the attributes to remove, each {name, kind, num_classes}; the name is the CSV column."""
+    """image_csv / hf_dataset: the attributes to remove, each {name, kind, num_classes}; the name is the column."""
 
     train_split: str = "train"
-    """camelyon17: WILDS split used for training."""
+    """camelyon17: WILDS split used for training; hf_dataset: the DatasetDict's split. Several splits are joined
+    with '+' (their rows together), here and in test_split and val_split."""
 
-    test_split: str = "id_val"
-    """camelyon17: WILDS split used for evaluation ("id_val" shares the training centers, so center leakage can be
-    measured; "test" holds one unseen center only)."""
+    test_split: str | None = None
+    """camelyon17: WILDS split(s) used for evaluation (None = "id_val", which shares the training centers, so center
+    leakage can be measured; "id_val+test" adds the unseen center 2, which the report scores apart as transfer to
+    an unseen site); hf_dataset: the DatasetDict's split(s) (None = "test")."""
 
     val_split: str | None = None
-    """camelyon17: optional WILDS split for model selection (as num_val), e.g. "id_val" when test_split is "test"."""
+    """camelyon17 / hf_dataset: optional split(s) for model selection (as num_val), e.g. "id_val" when test_split is
+    "test"."""
 
     mean: tuple[float, ...] = IMAGENET_MEAN
     """image_csv / camelyon17: per-channel mean subtracted after scaling pixels to [0, 1]."""
@@ -113,6 +130,14 @@ class DataConfig:
         for key in ("num_train", "num_test", "num_sites", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"DataConfig.{key}: must be >= 1, got {getattr(self, key)!r}.")
+        if self.train_sites is not None:
+            if self.kind != "synthetic_digits":
+                raise ConfigError("DataConfig.train_sites: only for DataConfig.kind 'synthetic_digits'; for your own "
+                                  "data, leave the held-out sites out of the training CSV / split instead.")
+            bad = [s for s in self.train_sites if not 0 <= s < self.num_sites]
+            if not self.train_sites or bad or len(set(self.train_sites)) != len(self.train_sites):
+                raise ConfigError(f"DataConfig.train_sites: must be distinct site ids in 0..{self.num_sites - 1} "
+                                  f"(num_sites {self.num_sites}), got {self.train_sites!r}.")
         if self.num_val < 0:
             raise ConfigError(f"DataConfig.num_val: must be >= 0 (0 = no model selection), got {self.num_val!r}.")
         if self.num_workers < 0:
@@ -123,12 +148,16 @@ class DataConfig:
             for key in ("root", "csv", "test_csv"):
                 if getattr(self, key) is None:
                     raise ConfigError(f"DataConfig.{key}: required when DataConfig.kind is 'image_csv'.")
+        if self.kind == "hf_dataset" and self.dataset is None:
+            raise ConfigError("DataConfig.dataset: required when DataConfig.kind is 'hf_dataset' (a save_to_disk "
+                              "folder or a Hub dataset name).")
+        if self.kind in ("image_csv", "hf_dataset"):
             if not self.attributes:
-                raise ConfigError("DataConfig.attributes: required when DataConfig.kind is 'image_csv', e.g. "
+                raise ConfigError(f"DataConfig.attributes: required when DataConfig.kind is {self.kind!r}, e.g. "
                                   "[{name: site, kind: categorical, num_classes: 3}].")
         elif self.attributes:
-            raise ConfigError(f"DataConfig.attributes: only for DataConfig.kind 'image_csv'; {self.kind!r} defines "
-                              "its own.")
+            raise ConfigError(f"DataConfig.attributes: only for DataConfig.kind 'image_csv' or 'hf_dataset'; "
+                              f"{self.kind!r} defines its own.")
         if self.kind == "camelyon17" and self.root is None:
             raise ConfigError("DataConfig.root: required when DataConfig.kind is 'camelyon17' (the WILDS data "
                               "folder).")

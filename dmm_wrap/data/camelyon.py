@@ -27,7 +27,8 @@ class Camelyon17Patches(ImageCSVDataset):
 
     Args:
         root: the camelyon17_v1.0 folder (holding metadata.csv and patches/), or the folder that contains it.
-        split: WILDS split, or None for all patches.
+        split: WILDS split, a list of them (their patches together, e.g. ["id_val", "test"]: held-out patches of the
+            training hospitals and the unseen test hospital), or None for all patches.
         centers: keep only these centers (0..4).
         transform: PIL RGB image -> tensor; default scales to float32 [0, 1].
         check_files: verify at construction that every listed patch exists (one stat per patch).
@@ -36,7 +37,7 @@ class Camelyon17Patches(ImageCSVDataset):
         >>> train = Camelyon17Patches("data/wilds", split="train")
     """
 
-    def __init__(self, root: str | os.PathLike, split: Camelyon17Split | None = None,
+    def __init__(self, root: str | os.PathLike, split: Camelyon17Split | Sequence[Camelyon17Split] | None = None,
                  centers: Sequence[int] | None = None, transform: Callable[[Any], Tensor] | None = None,
                  check_files: bool = True) -> None:
         Dataset.__init__(self)
@@ -48,8 +49,10 @@ class Camelyon17Patches(ImageCSVDataset):
             raise ConfigError(f"Camelyon17-WILDS metadata not found at {str(meta)!r}. Download Camelyon17-WILDS v1.0 "
                               "yourself (e.g. `wilds.get_dataset('camelyon17', download=True, root_dir=...)`) and pass "
                               "its camelyon17_v1.0 folder; dmm_wrap never downloads.")
-        if split is not None and split not in get_args(Camelyon17Split):
-            raise ConfigError(f"split must be None or one of {list(get_args(Camelyon17Split))}, got {split!r}.")
+        names = [split] if isinstance(split, str) else list(split) if split is not None else None
+        if names is not None and (not names or any(n not in get_args(Camelyon17Split) for n in names)):
+            raise ConfigError(f"split must be None, one of {list(get_args(Camelyon17Split))} or a list of them, got "
+                              f"{split!r}.")
         if centers is not None:
             bad = [c for c in centers if c not in range(5)]
             if bad or not centers:
@@ -61,7 +64,8 @@ class Camelyon17Patches(ImageCSVDataset):
             raise ConfigError(f"{str(meta)!r} lacks the column(s) {missing}; available columns: {columns}. "
                               "Is this the metadata.csv of Camelyon17-WILDS v1.0?")
         try:
-            kept = [r for r in rows if _camelyon_keep(int(r["center"]), int(r["split"]), split, centers)]
+            kept = [r for r in rows
+                    if any(_camelyon_keep(int(r["center"]), int(r["split"]), n, centers) for n in names or [None])]
             for r in kept:
                 p, node = int(r["patient"]), int(r["node"])
                 r["path"] = (f"patches/patient_{p:03d}_node_{node}/"
@@ -88,7 +92,8 @@ def _camelyon_keep(center: int, split_code: int, split: Camelyon17Split | None, 
     return center not in (1, 2) and split_code == (0 if split == "train" else 1)
 
 
-def camelyon17(root: str | os.PathLike, split: Camelyon17Split | None = None, centers: Sequence[int] | None = None,
+def camelyon17(root: str | os.PathLike, split: Camelyon17Split | Sequence[Camelyon17Split] | None = None,
+               centers: Sequence[int] | None = None,
                transform: Callable[[Any], Tensor] | None = None, check_files: bool = True) -> Camelyon17Patches:
     """Camelyon17-WILDS patches from a local copy (see `Camelyon17Patches`).
 

@@ -159,21 +159,32 @@ class ImageCSVDataset(Dataset):
             raise ConfigError(f"{source}: {len(absent)} of {len(self.paths)} image files do not exist under "
                               f"{str(root)!r}, e.g. {absent[:3]}. Check root and the {path_column!r} column.")
 
+        self._read_columns({c: [r[c].strip() for r in rows] for c in needed[1:]}, label_column, source, vocabulary)
+
+    def _read_columns(self, values: Mapping[str, list[str]], label_column: str | None, source: str,
+                      vocabulary: Mapping[str, Sequence[str]] | None, given: Mapping[str, list[str]] | None = None
+                      ) -> None:
+        """Set attrs, labels and the vocabulary from the text of each attribute (and label) column.
+
+        `given`: the class names of columns that come with them (a ClassLabel feature of a Hugging Face dataset,
+        its values written as the names): without `vocabulary`, id k is given[column][k], as the dataset numbers them.
+        """
         self.class_names: dict[str, list[str]] = {}
         """String labels of categorical columns given as text: class id k is class_names[name][k]."""
         fixed = vocabulary is not None
         known = dict(vocabulary or {})
+        given = dict(given or {})
         columns_out = []
         for a in self.attributes:
-            values = [r[a.name].strip() for r in rows]
             if a.kind == "categorical":
-                ids, names = _class_ids(values, a.name, source, a.num_classes, known.get(a.name), fixed)
+                names_known = known.get(a.name, given.get(a.name))
+                ids, names = _class_ids(values[a.name], a.name, source, a.num_classes, names_known, fixed)
                 if names is not None:
                     self.class_names[a.name] = names
                 columns_out.append(torch.tensor(ids, dtype=torch.float32))
             else:
                 try:
-                    columns_out.append(torch.tensor([float(v) for v in values], dtype=torch.float32))
+                    columns_out.append(torch.tensor([float(v) for v in values[a.name]], dtype=torch.float32))
                 except ValueError as err:
                     raise ConfigError(f"{source}: continuous attribute {a.name!r} must hold numbers ({err}).") from err
                 if not torch.isfinite(columns_out[-1]).all():
@@ -183,11 +194,11 @@ class ImageCSVDataset(Dataset):
         self.label_names: list[str] | None = None
         """String labels of the task column when given as text: label k is label_names[k]."""
         if label_column:
-            ids, self.label_names = _class_ids([r[label_column].strip() for r in rows], label_column, source, None,
-                                               known.get(label_column), fixed)
+            ids, self.label_names = _class_ids(values[label_column], label_column, source, None,
+                                               known.get(label_column, given.get(label_column)), fixed)
             self.labels = torch.tensor(ids, dtype=torch.int64)
         else:
-            self.labels = torch.full((len(rows),), -1, dtype=torch.int64)
+            self.labels = torch.full((len(self.attrs),), -1, dtype=torch.int64)
         self.vocabulary: dict[str, list[str]] = dict(self.class_names)
         """String labels of every column given as text (attributes and task label): what a held-out split of the
         same data must be read with (`vocabulary=`), and what a model trained on it records."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..config import FitConfig
 from ..core.objective import DeepMinMax
 from ..data.batches import iterate_batches
-from . import aligning, selection
+from . import aligning, averaging, selection
 from .checkpoint import Checkpoint, Position, TrainingInterrupted, load_optimizer_state
 from .distributed import barrier, check_sharded, is_main_process, rank, set_epoch
 from .estimator_fit import EstimatorFit
@@ -154,6 +154,7 @@ class Trainer:
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(objective.h.parameters(), cfg.grad_clip, foreach=True)
             self.opt_h.step()
+            averaging.update(objective)
         if step % cfg.log_every == 0:
             self.history.record(step, losses, est.q_nll, self.ranks.mean)
             if not math.isfinite(self.history.loss[-1]):
@@ -257,8 +258,9 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
     Inside an initialised torch.distributed process group each rank streams its own shard (see `sync.RankSync`).
     With `cfg.checkpoint_dir`, checkpoints are written every `cfg.checkpoint_every` steps, at the end and on SIGINT /
     SIGTERM, and `cfg.resume` continues from the newest intact one. A stop signal ends training at a step boundary
-    with TrainingInterrupted; `objective` keeps the heads of the steps taken. With `val_loader`, the run ends with the
-    h_theta a fresh probe read the attributes from least (`selection`).
+    with TrainingInterrupted; `objective` keeps the heads of the steps taken. With `cfg.ema_decay` the run ends with
+    the moving average of h_theta's weights (`averaging`); with `val_loader`, with the h_theta (averaged, if so) a
+    fresh probe read the attributes from least (`selection`).
     """
     ranks = RankSync(device)
     check_sharded(loader)
@@ -270,17 +272,20 @@ def train(objective: DeepMinMax, loader: Iterable, extract: Callable[[Tensor], T
         prepass.close()  # the checkpoint holds the statistics; its epoch is replayed from its RNG states
         aligning.restore_alignment(objective, resumed, cfg, device)
         selection.restore_selection(objective, resumed, val_loader is not None)
+        averaging.restore_average(objective, resumed, cfg)
     else:
         start_from_prepass(objective, prepass, cfg)
+        averaging.start_average(objective, cfg)
         if val_loader is not None:
             selection.start_selection(objective, val_loader, extract, cfg, device)
     try:
         history = Trainer(objective, loader, extract, cfg, device, prepass, checkpoints, resumed, ranks).run()
+        averaging.finish_average(objective)
         history.selected_step = selection.finish_selection(objective, history.steps_done, history.select_step,
                                                            history.record_selection)
         return history
     finally:
-        for target in ("alignment", "selection"):  # training state, not part of the fitted model
+        for target in ("alignment", "selection", "h_average"):  # training state, not part of the fitted model
             if hasattr(objective, target):
                 delattr(objective, target)
 

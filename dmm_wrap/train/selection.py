@@ -20,6 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from ..config import Attribute, EvalConfig, FitConfig
 from ..core.objective import DeepMinMax
 from ..data.batches import iterate_batches
+from . import averaging
 from .checkpoint import Checkpoint
 from .distributed import all_gather_rows, broadcast_object, is_main_process, world_size
 
@@ -118,19 +119,21 @@ def probe_leakage(z: Tensor, b: Tensor, attributes: Sequence[Attribute], seed: i
 
 
 def check(objective: DeepMinMax, step: int, record: Callable[[int, float], None]) -> None:
-    """Score the current h_theta on the sample (rank 0; broadcast) and keep it when it leaks least so far."""
+    """Score the current h_theta (its moving average, with `FitConfig.ema_decay`) on the sample (rank 0; broadcast)
+    and keep it when it leaks least so far."""
     sel: Selection = objective.selection
+    h = averaging.scored(objective)
     score = None
     if is_main_process():
         with torch.no_grad():
-            z_tilde = objective.h(sel.sample_z)
+            z_tilde = h(sel.sample_z)
         score = probe_leakage(z_tilde, sel.sample_b, objective.attributes)
     score = float(broadcast_object(score))
     record(step, score)
     if score <= float(sel.best_score):  # a tie goes to the later, more trained h_theta
         sel.best_score.fill_(score)
         sel.best_step.fill_(step)
-        sel.best_h.copy_(parameters_to_vector(objective.h.parameters()).detach())
+        sel.best_h.copy_(parameters_to_vector(h.parameters()).detach())
 
 
 def check_if_due(objective: DeepMinMax, cfg: FitConfig, step: int, record: Callable[[int, float], None]) -> None:
