@@ -21,7 +21,7 @@ from ..model import DebiasedEncoder
 from ..train import distributed
 from ..train.loop import FitHistory
 from .build import RunData, build_data, build_model, cpu_threads
-from .evaluate import Metrics, compare_methods, compare_transfer, extract_features, method_views
+from .evaluate import Metrics, compare_all, extract_features
 from .leakage import audit
 from .report import (format_table, format_targets, format_transfer, plot_training_curves, plot_transfer, plot_tsne,
                      write_report)
@@ -61,9 +61,7 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
         _warn("LEACE skipped: it needs concept-erasure, pip install 'dmm-wrap[eval]' (or set eval.leace: false).")
         skipped.append("LEACE was skipped: concept-erasure is not installed (pip install 'dmm-wrap[eval]').")
         ecfg = dataclasses.replace(ecfg, leace=False)
-    views = method_views(train, test, data.attributes, ecfg)
-    methods = compare_methods(train, test, data.attributes, ecfg, views)
-    transfer = compare_transfer(train, test, data.attributes, ecfg, views)
+    methods, transfer = compare_all(train, test, data.attributes, ecfg)
     figures = [name for name, wanted in (("tsne.png", ecfg.tsne_samples > 0),
                                          ("training_curves.png", history is not None and bool(history.step)),
                                          ("transfer.png", bool(transfer))) if wanted]

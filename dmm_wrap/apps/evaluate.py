@@ -320,6 +320,13 @@ def compare_transfer(train: FeatureSet, test: FeatureSet, attributes: Sequence[A
     return transfer_metrics(views, train.attrs, train.labels, test.attrs, test.labels, attributes, cfg)
 
 
+def compare_all(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
+                cfg: EvalConfig) -> tuple[dict[str, MethodMetrics], list[Transfer]]:
+    """`compare_methods` and `compare_transfer` on one set of method views (LEACE fitted once)."""
+    views = method_views(train, test, attributes, cfg)
+    return compare_methods(train, test, attributes, cfg, views), compare_transfer(train, test, attributes, cfg, views)
+
+
 def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterable,
              cfg: EvalConfig | None = None) -> Metrics:
     """Extract features from both loaders and compare raw, LEACE and DeepMinMax features.
@@ -341,12 +348,10 @@ def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterab
     start = time.perf_counter()
     train = extract_features(model, train_loader, cfg.max_samples)
     test = extract_features(model, test_loader, cfg.max_samples)
-    views = method_views(train, test, model.attributes, cfg)
-    methods = compare_methods(train, test, model.attributes, cfg, views)
-    transfer = compare_transfer(train, test, model.attributes, cfg, views)
+    methods, transfer = compare_all(train, test, model.attributes, cfg)
     return Metrics(methods, time.perf_counter() - start, transfer=transfer)
 
 
 __all__ = ["EvalConfig", "FeatureSet", "Collected", "Leakage", "MethodMetrics", "Metrics", "METHODS", "collect_batches",
            "extract_features", "encode_attributes", "fit_leace", "apply_eraser", "task_accuracy", "attribute_leakage",
-           "probe_leakage", "method_views", "compare_methods", "compare_transfer", "evaluate"]
+           "probe_leakage", "method_views", "compare_methods", "compare_transfer", "compare_all", "evaluate"]
