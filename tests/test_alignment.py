@@ -130,7 +130,7 @@ def test_resume_keeps_the_alignment_and_refuses_a_changed_config(tmp_path) -> No
     x = _shifted(32, 5)[0]
     torch.testing.assert_close(resumed(x), full(x), rtol=0, atol=0)  # the target came back from the checkpoint
     other = DebiasedEncoder(torch.nn.Identity(), None, GROUP, residual=True)
-    with pytest.raises(ValueError, match="align_weight"):
+    with pytest.raises(ValueError, match="written by a run with the alignment term, and this run has align_weight=0"):
         other.fit(_loader(), config=FitConfig(**{**cfg, "align_weight": 0.0}, resume=True))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dmm_wrap.backbones import describe_backbone
 from dmm_wrap.config import Attribute, HeadConfig
 from dmm_wrap.apps.run_config import (OPTION_KEYS, ConfigError, RunConfig, apply_overrides, load_run_config,
                                  parse_override, read_yaml, write_run_config)
@@ -106,9 +107,23 @@ def test_run_sections_check_their_own_types() -> None:
     ({"data": {"kind": "image_csv", "root": "r", "csv": "a", "test_csv": "b",
                "attributes": [{"name": "s", "kind": "categorical"}]}}, "data.attributes[0]"),
     ({"model": {"backbone": "resnet18"}}, "model.backbone"),
+    ({"model": {"backbone": "timm:resnet18", "weights": "w.safetensors"}}, "model.weights"),
 ])
 def test_value_errors_name_the_key(values: dict, key: str) -> None:
     assert key in error_of(values)
+
+
+@pytest.mark.parametrize("name", ["digits", "digits_label_free"])
+def test_model_backbone_picks_the_shipped_digits_encoder(name: str) -> None:
+    from dmm_wrap.apps.build import build_model
+    from dmm_wrap.apps.pretrained import DIGITS_ENCODERS, DIGITS_IMAGE_SIZE
+    from dmm_wrap.apps.digits import SYNTHETIC_ATTRIBUTES
+
+    cfg = RunConfig.from_dict({"model": {"backbone": name}})
+    assert cfg.model.digits_encoder and cfg.input_size() == DIGITS_IMAGE_SIZE
+    model = build_model(cfg, SYNTHETIC_ATTRIBUTES)
+    assert describe_backbone(model.backbone).pretrained_tag == DIGITS_ENCODERS[name].tag
+    assert "'digits' or 'digits_label_free', 'timm:NAME'" in error_of({"model": {"backbone": "digitz"}})
 
 
 def test_values_are_coerced() -> None:

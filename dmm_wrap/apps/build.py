@@ -145,10 +145,10 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
 def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEncoder:
     """The DebiasedEncoder described by `cfg.model`, its feature width inferred by one dummy forward."""
     m = cfg.model
-    if m.backbone == "digits":
+    if m.digits_encoder:
         from .pretrained import DIGITS_ENCODER_LAYER, load_digits_encoder
 
-        backbone = load_digits_encoder(m.weights)
+        backbone = load_digits_encoder(m.weights, name=m.backbone)
         layer = m.layer if m.layer is not None else DIGITS_ENCODER_LAYER
     else:
         backbone = create_backbone(m.backbone, pretrained=m.pretrained)

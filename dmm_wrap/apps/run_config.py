@@ -27,6 +27,7 @@ from ..config import (Attribute, ConfigError, EvalConfig, FitConfig, HeadConfig,
 from ..inference import IMAGENET_MEAN, IMAGENET_STD
 from ..io.serialization import write_text_atomically
 from .leakage import AuditConfig
+from .pretrained import DIGITS_ENCODERS
 
 DataKind = Literal["synthetic_digits", "image_csv", "camelyon17", "hf_dataset"]
 
@@ -170,13 +171,15 @@ class ModelConfig:
     """The frozen backbone, the hooked layer, and the architecture of the heads (HeadConfig keys sit here too)."""
 
     backbone: str = "digits"
-    """"digits" (the shipped encoder trained on synthetic digits), "timm:NAME" or "torchvision:NAME"."""
+    """A shipped encoder trained on synthetic digits ("digits", trained with the digit labels, or
+    "digits_label_free", an autoencoder that never saw them; `dmm_wrap.apps.pretrained.DIGITS_ENCODERS`),
+    "timm:NAME" or "torchvision:NAME"."""
 
     pretrained: bool | str = False
     """timm / torchvision: start from pretrained weights (true, or a weights tag); needs the network or a cache."""
 
     weights: str | None = None
-    """backbone "digits": path of the encoder weights; None = the file shipped with dmm_wrap."""
+    """A digits backbone: path of the encoder weights; None = the file shipped with dmm_wrap."""
 
     layer: str | None = None
     """Module whose output is debiased; None = the digits encoder's layer, or the backbone's output."""
@@ -192,12 +195,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         source = self.backbone.partition(":")[0]
-        if self.backbone != "digits" and (":" not in self.backbone or source not in ("timm", "torchvision")):
-            raise ConfigError(f"ModelConfig.backbone: expected 'digits', 'timm:NAME' or 'torchvision:NAME', "
-                              f"got {self.backbone!r}.")
-        if self.weights is not None and self.backbone != "digits":
-            raise ConfigError("ModelConfig.weights: only for backbone 'digits'; use ModelConfig.pretrained for "
-                              "timm/torchvision.")
+        if not self.digits_encoder and (":" not in self.backbone or source not in ("timm", "torchvision")):
+            raise ConfigError(f"ModelConfig.backbone: expected {' or '.join(map(repr, DIGITS_ENCODERS))}, "
+                              f"'timm:NAME' or 'torchvision:NAME', got {self.backbone!r}.")
+        if self.weights is not None and not self.digits_encoder:
+            raise ConfigError(f"ModelConfig.weights: only for the digits backbones {list(DIGITS_ENCODERS)}; use "
+                              "ModelConfig.pretrained for timm/torchvision.")
+
+    @property
+    def digits_encoder(self) -> bool:
+        """Whether the backbone is one of the shipped digits encoders."""
+        return self.backbone in DIGITS_ENCODERS
 
 
 @dataclass
@@ -249,7 +257,7 @@ class RunConfig:
         """The image side the loaders produce (see DataConfig.image_size)."""
         if self.data.image_size is not None:
             return self.data.image_size
-        if self.model.backbone == "digits" or self.data.kind == "synthetic_digits":
+        if self.model.digits_encoder or self.data.kind == "synthetic_digits":
             from .pretrained import DIGITS_IMAGE_SIZE
 
             return DIGITS_IMAGE_SIZE

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from .evaluate import Metrics
 
-TASK_GAIN = 0.02
-"""Target: DeepMinMax task accuracy at least raw + TASK_GAIN (and at least LEACE's)."""
+TASK_GAIN = 0.03
+"""Target: DeepMinMax task accuracy at least raw + TASK_GAIN (and at least LEACE's), as the paper's digits result
+(0.935 -> 0.994) asks of an encoder trained without the task labels."""
 MAX_R2 = 0.10
 """Target: MLP-probe R^2 of every continuous attribute on Z~ at most this."""
 CHANCE_MARGIN = 0.05
@@ -26,7 +27,7 @@ class TargetRow(NamedTuple):
     """One target of the issue, checked against a measurement."""
 
     name: str
-    """What is compared, with its direction, e.g. "dmm task accuracy >= raw + 0.02"."""
+    """What is compared, with its direction, e.g. "dmm task accuracy >= raw + 0.03"."""
     measured: float
     target: float
     """The threshold the measurement is compared with."""

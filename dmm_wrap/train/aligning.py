@@ -58,13 +58,7 @@ def refit_if_due(objective: DeepMinMax, cfg: FitConfig, step: int) -> None:
 def restore_alignment(objective: DeepMinMax, resumed: Checkpoint, cfg: FitConfig, device: torch.device) -> None:
     """A resumed run: an empty alignment target for the checkpoint's to load into (with align_weight > 0)."""
     aligning = cfg.align_weight > 0
-    has = any(k.startswith("alignment.") for k in resumed.heads)
-    if has != aligning:
-        raise ValueError(
-            f"{resumed.path} was written by a run {'with' if has else 'without'} the alignment term, and this run has "
-            f"align_weight={'0' if has else '> 0'}. Resume with the FitConfig of the run that wrote it, or start a new "
-            "run in another checkpoint_dir.")
-    if aligning:
+    if resumed.require_same("alignment.", aligning, "the alignment term", f"align_weight={cfg.align_weight:g}"):
         objective.alignment = AlignmentTarget.empty_like(objective.h, resumed.heads, "alignment.").to(device)
 
 

@@ -33,12 +33,7 @@ def start_average(objective: DeepMinMax, cfg: FitConfig) -> None:
 
 def restore_average(objective: DeepMinMax, resumed: Checkpoint, cfg: FitConfig) -> None:
     """A resumed run: an empty average for the checkpoint's to load into; the two runs must agree on averaging."""
-    has = any(k.startswith("h_average.") for k in resumed.heads)
-    if has != (cfg.ema_decay is not None):
-        raise ValueError(
-            f"{resumed.path} was written by a run {'with' if has else 'without'} ema_decay, and this run has "
-            f"ema_decay={cfg.ema_decay!r}. Resume with the FitConfig of the run that wrote it, or start a new run in "
-            "another checkpoint_dir.")
+    resumed.require_same("h_average.", cfg.ema_decay is not None, "ema_decay", f"ema_decay={cfg.ema_decay!r}")
     start_average(objective, cfg)
 
 

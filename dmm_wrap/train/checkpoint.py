@@ -98,6 +98,20 @@ class Checkpoint:
     rng: list[dict[str, Any]]
     fingerprint: dict[str, Any]
 
+    def holds(self, prefix: str) -> bool:
+        """Whether the heads hold a part saved under `prefix` (e.g. "h_average.": the run averaged h_theta)."""
+        return any(k.startswith(prefix) for k in self.heads)
+
+    def require_same(self, prefix: str, wanted: bool, feature: str, setting: str) -> bool:
+        """Whether the part under `prefix` is here; a ValueError with the fix when the resuming run's FitConfig
+        (`wanted`: it uses `feature`, as `setting` says) disagrees with the run that wrote the checkpoint."""
+        has = self.holds(prefix)
+        if has != wanted:
+            raise ValueError(f"{self.path} was written by a run {'with' if has else 'without'} {feature}, and this run "
+                             f"has {setting}. Resume with the FitConfig of the run that wrote it, or start a new run in "
+                             "another checkpoint_dir.")
+        return has
+
 
 # ----------------------------------------------------------------------------- RNG states
 def _b64(t: Tensor) -> str:

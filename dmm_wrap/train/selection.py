@@ -82,7 +82,7 @@ def start_selection(objective: DeepMinMax, loader: Iterable, extract: Callable[[
 
 def restore_selection(objective: DeepMinMax, resumed: Checkpoint, selecting: bool) -> None:
     """A resumed run: an empty Selection for the checkpoint's to load into, when the run that wrote it selected."""
-    has = any(k.startswith("selection.") for k in resumed.heads)
+    has = resumed.holds("selection.")
     if selecting and not has:
         raise ValueError(f"{resumed.path} was written by a run without val_loader; resume it without val_loader, or "
                          "start a new run in another checkpoint_dir.")
