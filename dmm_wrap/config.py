@@ -170,6 +170,17 @@ class FitConfig:
     match_bins: int = 4
     """Quantile bins of each continuous attribute within a batch, the groups the matching term aligns."""
 
+    iso_weight: float = 0.0
+    """Weight of the within-group isometry term (`dmm_wrap.core.isometry`): the mean squared difference between the
+    distances of Z~ and of standardised Z over the pairs of a batch that share their attributes. It keeps each group's
+    inside as it was, so that the debiasing terms move groups rather than fold them; use it with `match_weight`
+    (measured: README, "The label-free encoder"). 0 turns it off (the paper's objective). Data-parallel runs pair
+    the samples of each process's batch."""
+
+    iso_bandwidth: float = 0.2
+    """Width of the isometry term's Gaussian kernel on each continuous attribute's difference, in standard
+    deviations of the attribute: pairs further apart count less."""
+
     align_weight: float = 0.0
     """Weight of the piecewise-alignment term: the mean squared distance of Z~ to a target that moves each
     attribute group's features onto the pooled ones piece by piece (`dmm_wrap.core.alignment`, fitted on the statistics
@@ -268,10 +279,12 @@ class FitConfig:
             v = getattr(self, key)
             if v < 1:
                 raise ValueError(f"FitConfig.{key} must be an int >= 1, got {v!r}.")
-        for key in ("match_weight", "align_weight"):
+        for key in ("match_weight", "align_weight", "iso_weight"):
             v = getattr(self, key)
             if not v >= 0:
                 raise ValueError(f"FitConfig.{key} must be a number >= 0, got {v!r}.")
+        if not self.iso_bandwidth > 0:
+            raise ValueError(f"FitConfig.iso_bandwidth must be a number > 0, got {self.iso_bandwidth!r}.")
         for key in ("match_bins", "align_bins"):
             v = getattr(self, key)
             if v < 2:
@@ -311,7 +324,7 @@ class FitConfig:
         """The paper's objective and setting: lambda 0.5, lr 0.005, 200 epochs, no warm-up, one q step, summed NLL,
         no matching term."""
         base = dict(epochs=200, lr=5e-3, estimator_lr=None, lam=0.5, estimator_steps=1, warmup_steps=0, grad_clip=None,
-                    nll_reduction="sum", match_weight=0.0, align_weight=0.0)
+                    nll_reduction="sum", match_weight=0.0, align_weight=0.0, iso_weight=0.0)
         base.update(overrides)
         return cls(**base)
 

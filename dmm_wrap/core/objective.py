@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..config import Attribute, HeadConfig
 from .estimators import CategoricalCLUB, ConditionalGaussian, GaussianCLUB, Residual, mlp
+from .isometry import isometry_loss, pair_weights
 from .matching import default_projections, group_ids, random_directions, sliced_group_discrepancy
 
 
@@ -27,7 +28,7 @@ class ThetaLosses(NamedTuple):
     """Losses of h_theta for one batch."""
 
     total: Tensor
-    """lam * debias + (1 - lam) * retain + match_weight * match + align_weight * align."""
+    """lam * debias + (1 - lam) * retain + match_weight * match + align_weight * align + iso_weight * iso."""
     debias: Tensor
     """L_d: CLUB upper bound of I(B; Z~), summed over attributes."""
     retain: Tensor
@@ -38,6 +39,8 @@ class ThetaLosses(NamedTuple):
     """Group-matching term: sliced Wasserstein distance of each attribute group's Z~ to the batch's (0 when off)."""
     align: Tensor
     """Piecewise-alignment term: mean squared distance of Z~ to its aligned target (0 when off)."""
+    iso: Tensor
+    """Within-group isometry term (`dmm_wrap.core.isometry`; 0 when off)."""
 
 
 class DeepMinMax(nn.Module):
@@ -129,7 +132,7 @@ class DeepMinMax(nn.Module):
     def theta_losses(self, z_std: Tensor, z_tilde: Tensor, b: Tensor, lam: float, reduction: str,
                      sums: Tensor | None = None, mean_over_ranks: Callable[[Tensor], Tensor] | None = None,
                      match: Tensor | None = None, match_weight: float = 0.0, target: Tensor | None = None,
-                     align_weight: float = 0.0) -> ThetaLosses:
+                     align_weight: float = 0.0, iso_weight: float = 0.0, iso_bandwidth: float = 0.2) -> ThetaLosses:
         """Losses of h_theta on a batch.
 
         Args:
@@ -139,6 +142,7 @@ class DeepMinMax(nn.Module):
             match: the batch's `match_loss` (None: the term is off), weighted by `match_weight`.
             target: the batch's aligned target (`dmm_wrap.core.alignment`; None: the term is off), weighted by
                 `align_weight`.
+            iso_weight: weight of the within-group isometry term (0: off), its kernel `iso_bandwidth` wide.
         """
         if sums is None:
             sums = self.pair_sums(b)
@@ -162,7 +166,12 @@ class DeepMinMax(nn.Module):
         else:
             align = (z_tilde - target).pow(2).mean()
             total = total + align_weight * align
-        return ThetaLosses(total, debias, retain, club, match, align)
+        if iso_weight > 0:
+            iso = isometry_loss(z_std, z_tilde, pair_weights(b, self.attributes, iso_bandwidth))
+            total = total + iso_weight * iso
+        else:
+            iso = total.new_zeros(())
+        return ThetaLosses(total, debias, retain, club, match, align, iso)
 
     def estimator_parameters(self) -> list[nn.Parameter]:
         """Parameters of CLUB's q networks and m_phi (the estimator optimiser's)."""

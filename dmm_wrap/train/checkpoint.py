@@ -340,7 +340,7 @@ class Checkpointer:
         return None
 
 
-_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll", "match", "align", "select_step", "select_leak")
+_HISTORY_LISTS = ("step", "loss", "debias", "retain", "q_nll", "match", "align", "iso", "select_step", "select_leak")
 _INT_LISTS = ("step", "select_step")
 
 

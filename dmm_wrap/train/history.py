@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..core.objective import ThetaLosses
 
-LOGGED = ("loss", "debias", "retain", "q_nll", "match", "align")
+LOGGED = ("loss", "debias", "retain", "q_nll", "match", "align", "iso")
 """The FitHistory lists filled at each logged step, besides `step` and `club`, in recording order."""
 
 
@@ -23,7 +23,7 @@ class FitHistory:
     step: list[int] = field(default_factory=list)
     """Index of the h_theta step (0-based, counting warm-up steps)."""
     loss: list[float] = field(default_factory=list)
-    """lam * L_d + (1 - lam) * L_r + match_weight * match + align_weight * align."""
+    """lam * L_d + (1 - lam) * L_r + match_weight * match + align_weight * align + iso_weight * iso."""
     debias: list[float] = field(default_factory=list)
     """L_d as minimised: max(CLUB estimate of I(B; Z~) summed over attributes, 0) in nats (raw estimates: `club`)."""
     retain: list[float] = field(default_factory=list)
@@ -34,6 +34,8 @@ class FitHistory:
     """Group-matching term: sliced Wasserstein distance of each attribute group's Z~ to the batch's (0 when off)."""
     align: list[float] = field(default_factory=list)
     """Piecewise-alignment term: mean squared distance of Z~ to its aligned target (0 when off)."""
+    iso: list[float] = field(default_factory=list)
+    """Within-group isometry term (0 when off)."""
     club: dict[str, list[float]] = field(default_factory=dict)
     """CLUB estimate per attribute."""
     steps_done: int = 0
@@ -48,7 +50,7 @@ class FitHistory:
     def as_dict(self) -> dict[str, Any]:
         """The history as plain lists and numbers (JSON-ready)."""
         return {"step": self.step, "loss": self.loss, "debias": self.debias, "retain": self.retain,
-                "q_nll": self.q_nll, "match": self.match, "align": self.align, "club": self.club,
+                "q_nll": self.q_nll, "match": self.match, "align": self.align, "iso": self.iso, "club": self.club,
                 "steps_done": self.steps_done, "select_step": self.select_step, "select_leak": self.select_leak, "selected_step": self.selected_step}
 
     @classmethod
@@ -65,7 +67,7 @@ class FitHistory:
                mean_over_ranks: Callable[[Tensor], Tensor] | None = None) -> None:
         """Append step `step`'s losses (data-parallel: their mean over ranks, the same on every rank)."""
         values = torch.stack([losses.total, losses.debias, losses.retain, q_nll, losses.match, losses.align,
-                              *losses.club.values()]).detach()
+                              losses.iso, *losses.club.values()]).detach()
         if mean_over_ranks is not None:
             values = mean_over_ranks(values)  # one collective for every value
         values = values.tolist()

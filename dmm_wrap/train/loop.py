@@ -147,7 +147,7 @@ class Trainer:
         if cfg.match_weight > 0:
             match = objective.match_loss(z_tilde, b, step, cfg.match_projections, cfg.match_bins, self.ranks.gather)
         losses = objective.theta_losses(z_std, z_tilde, b, cfg.lam, cfg.nll_reduction, sums, self.ranks.mean, match,
-                                        cfg.match_weight, target, cfg.align_weight)
+                                        cfg.match_weight, target, cfg.align_weight, cfg.iso_weight, cfg.iso_bandwidth)
         if step >= cfg.warmup_steps:
             self.opt_h.zero_grad(set_to_none=True)
             losses.total.backward(inputs=list(objective.h.parameters()))
