@@ -3,13 +3,13 @@
 Two objectives, one encoder each (only the backbone is saved, as float32 safetensors with its sha256 next to it; the
 temporary heads are dropped):
 
-- ``--objective label_free`` (the default job's encoder, ``model.backbone: digits``): an autoencoder, as the
-  DeepMinMax paper's InfoGAN discriminator was trained without digit labels. A small decoder rebuilds the image from
+- ``--objective label_free`` (``model.backbone: digits_label_free``): an autoencoder, as the DeepMinMax paper's
+  InfoGAN discriminator was trained without digit labels. A small decoder rebuilds the image from
   the pooled features, and a linear head predicts the nuisance codes (rotation, stroke width, site), so the features
   carry them. No digit label is read: a linear probe reads the digit clearly below the ceiling (about 0.87-0.89 on
   held-out writers), which leaves the debiasing room to raise it.
-- ``--objective supervised`` (``model.backbone: digits_supervised``): the linear head also classifies the digit, so
-  the features hold it almost linearly (probe about 0.98).
+- ``--objective supervised`` (``model.backbone: digits``, the default job's encoder): the linear head also classifies
+  the digit, so the features hold it almost linearly (probe about 0.98).
 
 Reproduce the shipped weights (one intra-op thread is both faster on 2 cores and the setting the shipped files were
 made with; about 5 minutes for label_free, 2 for supervised):
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -44,10 +44,12 @@ from torch.utils.data import DataLoader
 
 from dmm_wrap.backbones import create_backbone
 from dmm_wrap.apps.digits import NUM_DIGIT_CLASSES, SyntheticDigits
+from dmm_wrap.apps.pretrained import DIGITS_ENCODERS
 from dmm_wrap.core.hooks import FeatureExtractor
+from dmm_wrap.io.serialization import write_bytes_atomically, write_text_atomically
 
-OBJECTIVES = {"label_free": "digits_label_free_test_resnet", "supervised": "digits_test_resnet"}
-"""File stem of each objective's weights (`dmm_wrap.apps.pretrained.DIGITS_ENCODERS` reads the same files)."""
+OBJECTIVES = {enc.objective: enc.weights.stem for enc in DIGITS_ENCODERS.values()}
+"""File stem of each objective's weights: the shipped file's name (`dmm_wrap.apps.pretrained.DIGITS_ENCODERS`)."""
 DEFAULT_EPOCHS = {"label_free": 8, "supervised": 4}
 RECON_WEIGHT = 3.0
 """Weight of the autoencoder's reconstruction MSE (label_free), beside the nuisance codes' losses."""
@@ -57,8 +59,8 @@ CANDIDATE_LAYERS = ("layer3", "layer4", None)
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default="label_free",
-                   help="label_free: autoencoder + nuisance codes, no digit label (the default job's encoder); "
-                        "supervised: nuisance codes + the digit")
+                   help="label_free: autoencoder + nuisance codes, no digit label (model.backbone digits_label_free); "
+                        "supervised: nuisance codes + the digit (model.backbone digits, the default job's)")
     p.add_argument("--epochs", type=int, default=None,
                    help="passes; each epoch draws fresh samples (seed + epoch). Default: 8 label_free, 4 supervised")
     p.add_argument("--num-train", type=int, default=16384, help="training samples per epoch")
@@ -183,12 +185,14 @@ def run(args: argparse.Namespace) -> None:
     # One metadata key: safetensors writes several in a random order, which would change the bytes (and sha256).
     provenance = {"architecture": "timm:test_resnet", "image_size": args.image_size, "seed": args.seed,
                   "trained_by": "examples/train_digits_encoder.py"}
-    if not supervised:  # the supervised file predates the option; its metadata (and sha256) stay as they were
+    if not supervised:  # the supervised file predates the option; its metadata stays as it was
         provenance.update(objective=args.objective, epochs=args.epochs)
-    save_file(state, str(weights), metadata={"dmm_wrap": json.dumps(provenance, sort_keys=True)})
-    weights.chmod(0o644)  # safetensors writes 0600; package data must be readable by every user
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    (args.out_dir / f"{stem}.sha256").write_text(digest + "\n")
+    data = save(state, metadata={"dmm_wrap": json.dumps(provenance, sort_keys=True)})
+    # Atomic: an interrupted run leaves the shipped file (and its checksum) as they were, never half written.
+    write_bytes_atomically(weights, data)
+    weights.chmod(0o644)  # package data must be readable by every user, whatever the umask
+    digest = hashlib.sha256(data).hexdigest()
+    write_text_atomically(args.out_dir / f"{stem}.sha256", digest + "\n")
     print(f"saved {weights} ({weights.stat().st_size / 1e6:.2f} MB, sha256 {digest}) in {time.time() - start:.0f} s")
 
 

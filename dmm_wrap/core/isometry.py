@@ -7,9 +7,9 @@ of each group. Over the pairs of a batch that share their attributes (the same c
 continuous attributes weighted by a Gaussian kernel of their standardised difference), it adds the mean squared
 difference between the Euclidean distance of the two samples' Z~ and of their standardised Z, per feature. It is zero
 when h_theta moves every group rigidly, and the groups are then free to be aligned with one another: a Gromov-
-Wasserstein-style prior (keep the geometry within each group, match the groups). With the group-matching term it
-removed the site of an encoder trained without labels at a far smaller cost to the task than CLUB alone
-(README, "The label-free encoder").
+Wasserstein-style prior (keep the geometry within each group, match the groups). Measured on the digits encoder
+trained without labels, with the group-matching term: it kept far more of the digit than the defaults (task 0.765
+vs 0.284) but removed almost none of the site (0.970; README, "The label-free encoder"), so it is off by default.
 """
 
 from __future__ import annotations
