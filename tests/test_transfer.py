@@ -13,7 +13,7 @@ from dmm_wrap import Attribute, SyntheticDigits
 from dmm_wrap.apps.cli import main
 from dmm_wrap.apps.evaluate import Metrics
 from dmm_wrap.apps.targets import check_targets
-from dmm_wrap.apps.transfer import macro_auroc, transfer_metrics, unseen_classes
+from dmm_wrap.apps.transfer import macro_auroc, task_classifiers, transfer_metrics, unseen_classes
 from dmm_wrap.config import EvalConfig
 
 ATTRS = [Attribute("site", "categorical", 4), Attribute("dose", "continuous")]
@@ -59,6 +59,41 @@ def test_unseen_site_scores_against_a_reference() -> None:
     assert macro_auroc(np.array([1, 1, 1]), proba, np.array([0, 1])) is None
     # Without task labels there is nothing to transfer.
     assert transfer_metrics(views, attrs_tr, -np.ones_like(y_tr), attrs_te, y_te, ATTRS, FAST) == []
+
+
+def test_compare_all_fits_one_task_classifier_per_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task accuracy and the seen / unseen scores come from one regression per method, and give the figures
+    that fitting them apart gives."""
+    from dmm_wrap.apps import evaluate, transfer
+    from dmm_wrap.apps.evaluate import FeatureSet, compare_all, compare_methods
+    from dmm_wrap.probes import linear_classifier
+
+    clean_tr, biased_tr, attrs_tr, y_tr = _problem(600, [0, 1, 2], 0)
+    clean_te, biased_te, attrs_te, y_te = _problem(800, [0, 1, 2, 3], 1)
+    train = FeatureSet(biased_tr.astype(np.float32), clean_tr.astype(np.float32), attrs_tr, y_tr)
+    test = FeatureSet(biased_te.astype(np.float32), clean_te.astype(np.float32), attrs_te, y_te)
+    cfg = EvalConfig(linear_max_iter=500, mlp_hidden=(16,), mlp_max_iter=50, leace=False)
+    apart = compare_methods(train, test, ATTRS, cfg)
+    views = {"raw": (train.raw, test.raw), "dmm": (train.debiased, test.debiased)}
+    apart_transfer = transfer_metrics(views, attrs_tr, y_tr, attrs_te, y_te, ATTRS, cfg)
+    fits = []
+
+    def counting(c: EvalConfig) -> object:
+        fits.append(1)
+        return linear_classifier(c)
+
+    monkeypatch.setattr(evaluate, "linear_classifier", counting)
+    monkeypatch.setattr(transfer, "linear_classifier", counting)
+    methods, (t,) = compare_all(train, test, ATTRS, cfg)
+    # Per method: one task regression and the categorical site's linear probe (the tilt's is a ridge). Fitting the
+    # task apart in the transfer would make it three.
+    assert len(fits) == 2 * len(views)
+    for name in views:
+        assert methods[name].task_accuracy == apart[name].task_accuracy
+        assert t.methods[name] == apart_transfer[0].methods[name]
+    given = task_classifiers(views, y_tr, cfg)
+    assert transfer_metrics(views, attrs_tr, y_tr, attrs_te, y_te, ATTRS, cfg, given) == apart_transfer
+    assert task_classifiers(views, np.zeros_like(y_tr), cfg) == {}  # one class: nothing to classify
 
 
 def test_synthetic_digits_draw_from_the_given_sites() -> None:

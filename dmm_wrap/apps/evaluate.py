@@ -30,9 +30,9 @@ from ..config import Attribute, EvalConfig
 from ..data.batches import attrs_tensor, split_batch
 from ..io.serialization import WEIGHTS_SHA_KEY, write_text_atomically
 from ..model import DebiasedEncoder
-from ..probes import balanced_accuracy, classifier_score, linear_classifier, mlp_leakage
+from ..probes import accuracy, balanced_accuracy, classifier_score, linear_classifier, mlp_leakage
 from .targets import CHANCE_MARGIN, MAX_R2
-from .transfer import Transfer, transfer_metrics
+from .transfer import Transfer, task_classifiers, transfer_metrics
 
 Method = Literal["raw", "leace", "dmm"]
 LeakageMetric = Literal["balanced_accuracy", "r2"]
@@ -236,11 +236,17 @@ def apply_eraser(eraser: Any, features: np.ndarray) -> np.ndarray:
 
 
 def task_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                  cfg: EvalConfig) -> float | None:
-    """Test accuracy of a logistic regression on standardised features (the paper's protocol); None without labels."""
+                  cfg: EvalConfig, model: Any | None = None) -> float | None:
+    """Test accuracy of a logistic regression on standardised features (the paper's protocol); None without labels.
+
+    `model`: that regression already fitted on the labelled train rows (`transfer.task_classifiers`), to score
+    instead of fitting another.
+    """
     keep_train, keep_test = train_y >= 0, test_y >= 0
     if not keep_train.any() or not keep_test.any():
         return None
+    if model is not None:
+        return accuracy(test_y[keep_test], model.predict(test_x[keep_test]))
     return classifier_score(linear_classifier(cfg), train_x[keep_train], train_y[keep_train],
                             test_x[keep_test], test_y[keep_test])
 
@@ -278,11 +284,12 @@ def probe_leakage(train_x: np.ndarray, train_attrs: np.ndarray, test_x: np.ndarr
 
 
 def probe_method(train_x: np.ndarray, test_x: np.ndarray, train: FeatureSet, test: FeatureSet,
-                 attributes: Sequence[Attribute], cfg: EvalConfig) -> MethodMetrics:
-    """Task accuracy and the leakage of every attribute for one feature set."""
+                 attributes: Sequence[Attribute], cfg: EvalConfig, task_model: Any | None = None) -> MethodMetrics:
+    """Task accuracy (of `task_model` when given, see `task_accuracy`) and the leakage of every attribute for one
+    feature set."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        acc = task_accuracy(train_x, train.labels, test_x, test.labels, cfg)
+        acc = task_accuracy(train_x, train.labels, test_x, test.labels, cfg, task_model)
     return MethodMetrics(acc, probe_leakage(train_x, train.attrs, test_x, test.attrs, attributes, cfg))
 
 
@@ -300,9 +307,11 @@ def method_views(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attri
 
 def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
                     cfg: EvalConfig | None = None,
-                    views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, MethodMetrics]:
+                    views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                    models: Mapping[str, Any] | None = None) -> dict[str, MethodMetrics]:
     """Probe raw Z, LEACE-erased Z (fitted on the train raw features) and DeepMinMax Z~ with the same protocol
-    (`views`: those features, when `method_views` already computed them).
+    (`views`: those features, when `method_views` already computed them; `models`: their task classifiers, when
+    `transfer.task_classifiers` already fitted them).
 
     Example:
         >>> methods = compare_methods(train, test, encoder.attributes)
@@ -310,21 +319,27 @@ def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[At
     """
     cfg = cfg or EvalConfig()
     views = views if views is not None else method_views(train, test, attributes, cfg)
-    return {name: probe_method(x_train, x_test, train, test, attributes, cfg)
+    models = models or {}
+    return {name: probe_method(x_train, x_test, train, test, attributes, cfg, models.get(name))
             for name, (x_train, x_test) in views.items()}
 
 
 def compare_transfer(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute], cfg: EvalConfig,
-                     views: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[Transfer]:
-    """`transfer_metrics` of the methods' `views`: seen against unseen classes of each categorical attribute."""
-    return transfer_metrics(views, train.attrs, train.labels, test.attrs, test.labels, attributes, cfg)
+                     views: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                     models: Mapping[str, Any] | None = None) -> list[Transfer]:
+    """`transfer_metrics` of the methods' `views` (and task classifiers, when fitted): seen against unseen classes
+    of each categorical attribute."""
+    return transfer_metrics(views, train.attrs, train.labels, test.attrs, test.labels, attributes, cfg, models)
 
 
 def compare_all(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
                 cfg: EvalConfig) -> tuple[dict[str, MethodMetrics], list[Transfer]]:
-    """`compare_methods` and `compare_transfer` on one set of method views (LEACE fitted once)."""
+    """`compare_methods` and `compare_transfer` on one set of method views (LEACE fitted once) and one task
+    classifier per method (the accuracy and the seen / unseen scores are the same regression's)."""
     views = method_views(train, test, attributes, cfg)
-    return compare_methods(train, test, attributes, cfg, views), compare_transfer(train, test, attributes, cfg, views)
+    models = task_classifiers(views, train.labels, cfg)
+    return (compare_methods(train, test, attributes, cfg, views, models),
+            compare_transfer(train, test, attributes, cfg, views, models))
 
 
 def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterable,

@@ -91,25 +91,40 @@ def group_scores(model: Any, x: np.ndarray, y: np.ndarray) -> GroupScores | None
     return GroupScores(float(np.mean(predicted == y)), macro_auroc(y, proba, classes), len(y))
 
 
+def task_classifiers(views: Mapping[str, tuple[np.ndarray, np.ndarray]], train_labels: np.ndarray,
+                     cfg: EvalConfig) -> dict[str, Any]:
+    """The task's logistic regression (`linear_classifier`) of each method in `views`, fitted on its labelled train
+    rows (label >= 0); empty when those rows hold fewer than two classes (nothing to classify)."""
+    keep = train_labels >= 0
+    if len(np.unique(train_labels[keep])) < 2:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # capped by max_iter, still the paper's classifier
+        return {method: linear_classifier(cfg).fit(x_train[keep], train_labels[keep])
+                for method, (x_train, _) in views.items()}
+
+
 def transfer_metrics(views: Mapping[str, tuple[np.ndarray, np.ndarray]], train_attrs: np.ndarray,
                      train_labels: np.ndarray, test_attrs: np.ndarray, test_labels: np.ndarray,
-                     attributes: Sequence[Attribute], cfg: EvalConfig) -> list[Transfer]:
+                     attributes: Sequence[Attribute], cfg: EvalConfig,
+                     models: Mapping[str, Any] | None = None) -> list[Transfer]:
     """Seen / unseen scores of each feature set in `views` ({method: (train features, test features)}), for every
     categorical attribute whose test rows hold classes the training rows do not. Empty without task labels (two
     classes at least in training) or without such an attribute.
+
+    `models`: the methods' `task_classifiers`, when the caller already fitted them (the task accuracy's); by default
+    they are fitted here.
 
     Example:
         >>> [t.methods["dmm"]["unseen"].auroc for t in transfer_metrics(views, ..., attributes, EvalConfig())]
     """
     unseen = unseen_classes(train_attrs, test_attrs, attributes)
-    keep_train, keep_test = train_labels >= 0, test_labels >= 0
-    if not unseen or len(np.unique(train_labels[keep_train])) < 2 or not keep_test.any():
+    keep_test = test_labels >= 0
+    if not unseen or not keep_test.any():
         return []
-    models = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for method, (x_train, _) in views.items():
-            models[method] = linear_classifier(cfg).fit(x_train[keep_train], train_labels[keep_train])
+    models = models if models is not None else task_classifiers(views, train_labels, cfg)
+    if not models:
+        return []
     column = {a.name: k for k, a in enumerate(attributes)}
     out = []
     for name, classes in unseen.items():
@@ -121,4 +136,5 @@ def transfer_metrics(views: Mapping[str, tuple[np.ndarray, np.ndarray]], train_a
     return out
 
 
-__all__ = ["GROUPS", "GroupScores", "Transfer", "group_scores", "macro_auroc", "transfer_metrics", "unseen_classes"]
+__all__ = ["GROUPS", "GroupScores", "Transfer", "group_scores", "macro_auroc", "task_classifiers", "transfer_metrics",
+           "unseen_classes"]
