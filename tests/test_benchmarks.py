@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -39,3 +40,21 @@ def test_smoke_reports_all_ratios(tmp_path: Path) -> None:
     cache_mb = 18 * 128 * 512 * 4 / 2**20  # the 18 extra batches' features at avgpool (D = 512), float32
     held = control["20"]["held_mb"] - control["2"]["held_mb"]
     assert 0.8 * cache_mb < held < 1.5 * cache_mb, (held, cache_mb)
+
+
+def test_gw_rank_finds_the_classes_of_a_rotated_group_and_not_of_a_relabelled_one() -> None:
+    """benchmarks/alignment_target.py's gw_rank: 0 where a group is a rigid copy of the first (geometry identifies
+    its classes), above 0 where the copy's labels are permuted (the true labelling is no longer the best fit)."""
+    sys.path.insert(0, str(BENCH.parent))
+    from alignment_target import gw_rank
+
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(5, 6)) * 3
+    labels = np.tile(np.arange(5), 40)
+    first = means[labels] + 0.1 * rng.normal(size=(200, 6))
+    rotation = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    rotated = (means[labels] + 0.1 * rng.normal(size=(200, 6))) @ rotation.T + 5.0
+    groups = np.repeat([0, 1], 200)
+    assert gw_rank(np.r_[first, rotated], groups, np.r_[labels, labels]) == [0]
+    relabelled = np.array([1, 0, 3, 2, 4])[labels]  # swap classes 0 / 1 and 2 / 3 in the second group only
+    assert gw_rank(np.r_[first, rotated], groups, np.r_[labels, relabelled])[0] > 0
