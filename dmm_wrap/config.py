@@ -107,6 +107,14 @@ class HeadConfig:
     """Standardise Z (and continuous B) with statistics from a streamed pre-pass, so that one learning
     rate suits any backbone's feature scale. Off reproduces the paper's raw-feature setting."""
 
+    align_head_pieces: list[int] | None = None
+    """Set by `DebiasedEncoder.fit_alignment_head`, not by hand: h_theta is then a fitted alignment applied with each
+    attribute predicted from Z (`dmm_wrap.core.alignment.PredictedAlignment`) with these pieces per attribute, and
+    not the MLP. None (default): the MLP."""
+
+    align_head_maps: AlignMaps | None = None
+    """The alignment head's per-piece maps (set with `align_head_pieces`)."""
+
     def __post_init__(self) -> None:
         check_fields(self)
         for key in ("h_layers", "m_layers"):
@@ -126,6 +134,16 @@ class HeadConfig:
             raise ValueError(
                 f"HeadConfig.logvar_min ({self.logvar_min}) must be below logvar_max ({self.logvar_max})."
             )
+        if self.align_head_pieces is not None:
+            if not self.align_head_pieces or min(self.align_head_pieces) < 1:
+                raise ValueError(f"HeadConfig.align_head_pieces must list one int >= 1 per attribute, got "
+                                 f"{self.align_head_pieces!r}.")
+            if self.out_dim is not None:
+                raise ValueError(f"An alignment head keeps the feature width, so out_dim must be None, got "
+                                 f"{self.out_dim!r}.")
+        if self.align_head_maps is not None and self.align_head_maps not in get_args(AlignMaps):
+            raise ValueError(f"HeadConfig.align_head_maps must be one of {get_args(AlignMaps)} or None, got "
+                             f"{self.align_head_maps!r}.")
 
     @classmethod
     def aligned(cls, **overrides: Any) -> HeadConfig:

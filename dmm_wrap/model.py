@@ -22,6 +22,7 @@ from .core.objective import DeepMinMax
 from .inference import InferenceMixin, Preprocessing, compiling, default_preprocessing
 from .io.hub_mixin import HubMixin
 from .io.serialization import CONFIG_NAME, FORMAT_VERSION, MODEL_TYPE, require_keys
+from .train.alignment_head import AlignmentHeadMixin
 from .train.loop import FitHistory, PrePass, TrainingInterrupted, train
 
 _CONFIG_KEYS = ("model_type", "format_version", "dmm_wrap_version", "weights_sha256", "backbone", "layer", "pool", "input_size",
@@ -42,7 +43,7 @@ def _as_attributes(attributes: Sequence[Attribute | dict[str, Any]]) -> tuple[At
     return out
 
 
-class DebiasedEncoder(HubMixin, InferenceMixin, nn.Module):
+class DebiasedEncoder(HubMixin, InferenceMixin, AlignmentHeadMixin, nn.Module):
     """A frozen backbone whose features at `layer` are debiased by DeepMinMax.
 
     Args:
@@ -204,6 +205,9 @@ class DebiasedEncoder(HubMixin, InferenceMixin, nn.Module):
         if epochs is not None:
             base["epochs"] = epochs
         cfg = validate(FitConfig, base, "fit")
+        if self.head_config.align_head_pieces is not None:
+            raise ValueError("This model's h_theta is a fitted alignment (fit_alignment_head); fit trains the MLP "
+                             "h_theta. Build a new DebiasedEncoder to train one.")
         device = torch.device(cfg.device) if cfg.device is not None else self.device
         if cfg.align_weight > 0 and not self.head_config.residual:
             warnings.warn("align_weight > 0 with a non-residual h_theta: the alignment target starts from h_theta's "

@@ -49,6 +49,13 @@ def test_quickstart_example_runs(tmp_path, monkeypatch, capsys) -> None:
     runpy.run_path(str(ROOT / "examples/quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "DeepMinMax" in out and (tmp_path / "outputs/quickstart/config.json").is_file()
+    assert (tmp_path / "outputs/quickstart-aligned/config.json").is_file()
+    rows = {line[:16].strip(): [float(v) for v in line[16:].split()] for line in out.splitlines()
+            if line.startswith(("raw ", "DeepMinMax ", "alignment head "))}
+    majority = float(out.split("majority rate")[1].split()[0])
+    assert rows["raw"][1] > 0.9  # negative control: the raw features give the site away
+    task, site = rows["alignment head"]
+    assert site <= majority + 0.05 and task >= rows["raw"][0] - 0.02, out  # the alignment head removes the site
 
 
 def test_readme_publishing_snippet_runs(tmp_path, monkeypatch) -> None:

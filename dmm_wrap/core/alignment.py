@@ -68,7 +68,7 @@ class AlignmentStage(nn.Module):
     def apply(self, z: Tensor, g: Tensor) -> Tensor:
         """Group g's map of each sample: its nearest piece's mean moved onto the pooled piece's, its shape mapped."""
         g = g.clamp(0, self.centroids.shape[0] - 1)
-        k = torch.cdist(z[:, None, :], self.centroids[g]).squeeze(1).argmin(1)
+        k = (z[:, None, :] - self.centroids[g]).pow(2).sum(-1).argmin(1)  # not cdist: ONNX has no such op
         centred = z - self.source_mean[g, k]
         if self.maps == "full":
             moved = torch.einsum("nij,nj->ni", self.linear[g, k], centred)
@@ -171,6 +171,79 @@ class AlignmentTarget(nn.Module):
         """A target shaped as in a saved `state_dict` (to load a checkpoint into)."""
         return cls(h, torch.zeros_like(state[f"{prefix}sample_z"]), torch.zeros_like(state[f"{prefix}sample_b"]),
                    PiecewiseAlignment.empty_like(state, f"{prefix}alignment."))
+
+
+class PredictedAlignment(nn.Module):
+    """h_theta as a fitted alignment that needs no B: T(z, b^(z)), each attribute's value predicted from its stage's
+    input by a linear classifier (argmax), then that stage applied. Categorical attributes only.
+
+    Where the attribute is linearly readable from Z (a site's tint or stain), the predicted value is the true one and
+    the map is the alignment target itself, without the error a distilled MLP adds (`benchmarks/alignment_target.py`).
+    Where it is not, a wrong prediction applies another group's map: compare with the distilled h_theta there.
+    """
+
+    def __init__(self, alignment: PiecewiseAlignment, predictors: list[nn.Linear]) -> None:
+        super().__init__()
+        if len(predictors) != len(alignment.stages):
+            raise ValueError(f"PredictedAlignment needs one predictor per stage: got {len(predictors)} for "
+                             f"{len(alignment.stages)} stages.")
+        self.alignment = alignment
+        self.predictors = nn.ModuleList(predictors).requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, z: Tensor) -> Tensor:
+        """The aligned features of standardised features z [N, D], each attribute predicted from z."""
+        for stage, predictor in zip(self.alignment.stages, self.predictors):
+            z = stage.apply(z, predictor(z).argmax(-1))
+        return z
+
+    @classmethod
+    def empty(cls, dim: int, groups: list[int], pieces: list[int], maps: MapKind) -> PredictedAlignment:
+        """A map shaped as a fitted one with these group and piece counts (to load saved weights into)."""
+        if len(groups) != len(pieces):
+            raise ValueError(f"One piece count per attribute: got {len(pieces)} for {len(groups)} attributes.")
+        stages = [AlignmentStage(g, k, dim, maps) for g, k in zip(groups, pieces)]
+        return cls(PiecewiseAlignment(stages), [nn.Linear(dim, g) for g in groups])
+
+
+def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
+                            maps: MapKind | None, seed: int, shrinkage: float = 0.1,
+                            max_iter: int = 2000) -> PredictedAlignment:
+    """Fit the alignment on standardised features z [N, D] and class ids b [N, A], and per attribute a logistic
+    regression (scikit-learn, on standardised inputs; the scaling is folded into a `nn.Linear`) that predicts its
+    class from that stage's input."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    continuous = [a.name for a in attributes if a.kind != "categorical"]
+    if continuous:
+        raise ValueError(f"The alignment head predicts categorical attributes only; {continuous} are continuous. "
+                         "Use the distilled alignment instead (FitConfig.aligned()), or declare them categorical.")
+    alignment = fit_alignment(z, b, attributes, clusters, 8, maps, seed, shrinkage)
+    predictors, x = [], z.detach().float().cpu()
+    for k, (attr, stage) in enumerate(zip(attributes, alignment.stages)):
+        groups = b[:, k].long().cpu()
+        scaler = StandardScaler().fit(x.double().numpy())
+        model = LogisticRegression(max_iter=max_iter).fit(scaler.transform(x.double().numpy()), groups.numpy())
+        count = int(attr.num_classes or int(groups.max()) + 1)
+        coef = np.zeros((count, x.shape[1]))
+        bias = np.full(count, -1e4)  # a class absent from the sample is never predicted
+        classes = model.classes_.astype(int)
+        if len(classes) == 1:
+            bias[classes[0]] = 0.0
+        elif len(classes) == 2:  # scikit-learn keeps one row: the logit of the second class against the first
+            coef[classes[1]], bias[classes[0]], bias[classes[1]] = model.coef_[0], 0.0, model.intercept_[0]
+        else:
+            coef[classes], bias[classes] = model.coef_, model.intercept_
+        coef = coef / scaler.scale_
+        bias = bias - coef @ scaler.mean_
+        linear = nn.Linear(x.shape[1], count)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(coef))
+            linear.bias.copy_(torch.from_numpy(bias))
+        predictors.append(linear)
+        x = stage(x, b[:, k].float().cpu())
+    return PredictedAlignment(alignment, predictors)
 
 
 def default_maps(dim: int) -> MapKind:
@@ -315,4 +388,5 @@ def _gaussian_map(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return inv_root @ middle @ inv_root
 
 
-__all__ = ["AlignmentStage", "AlignmentTarget", "PiecewiseAlignment", "fit_alignment", "default_maps"]
+__all__ = ["AlignmentStage", "AlignmentTarget", "PiecewiseAlignment", "PredictedAlignment", "default_maps",
+           "fit_alignment", "fit_predicted_alignment"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Attribute, HeadConfig
+from .alignment import PredictedAlignment, default_maps
 from .estimators import CategoricalCLUB, ConditionalGaussian, GaussianCLUB, Residual, mlp
 from .isometry import isometry_loss, pair_weights
 from .matching import default_projections, group_ids, random_directions, sliced_group_discrepancy
@@ -57,8 +58,18 @@ class DeepMinMax(nn.Module):
         self.cfg = cfg
         out_dim = cfg.out_dim or feature_dim
         self.out_dim = out_dim
-        h = mlp(feature_dim, cfg.h_hidden or feature_dim, out_dim, cfg.h_layers)
-        self.h = Residual(h) if cfg.residual else h
+        if cfg.align_head_pieces is not None:
+            continuous = [a.name for a in attributes if a.kind != "categorical"]
+            if continuous or len(cfg.align_head_pieces) != len(attributes):
+                raise ValueError(f"An alignment head needs one piece count per attribute, all categorical: got "
+                                 f"{cfg.align_head_pieces} for {[a.name for a in attributes]} (continuous: "
+                                 f"{continuous}).")
+            self.h: nn.Module = PredictedAlignment.empty(
+                feature_dim, [int(a.num_classes or 0) for a in attributes], list(cfg.align_head_pieces),
+                cfg.align_head_maps or default_maps(feature_dim))
+        else:
+            h = mlp(feature_dim, cfg.h_hidden or feature_dim, out_dim, cfg.h_layers)
+            self.h = Residual(h) if cfg.residual else h
         q_hidden = cfg.q_hidden or feature_dim
         self.q = nn.ModuleDict({
             a.name: CategoricalCLUB(out_dim, q_hidden, a.num_classes, cfg.q_floor) if a.kind == "categorical"

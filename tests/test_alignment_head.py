@@ -1,0 +1,104 @@
+"""The alignment head (`DebiasedEncoder.fit_alignment_head`): a fitted alignment applied with the attribute predicted
+from Z, that a fresh probe cannot read the site from, saved and loaded like any model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dmm_wrap import Attribute, DebiasedEncoder
+from dmm_wrap.core.alignment import PredictedAlignment
+
+SITE = Attribute("site", "categorical", 3)
+
+
+def tinted_sites(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs [n, 8]: a 4-class content plus each of 3 sites' own tint (an offset of the input, as the quickstart's
+    colour tint). Behind the frozen tanh encoder the tint moves and reshapes each class differently, so the site is
+    entangled with the content in the features; labels and sites."""
+    fixed = torch.Generator().manual_seed(7)
+    means, tint = torch.randn(4, 8, generator=fixed) * 2.0, torch.randn(3, 8, generator=fixed)
+    g = torch.Generator().manual_seed(seed)
+    y, s = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    return means[y] + 0.5 * torch.randn(n, 8, generator=g) + tint[s], y, s
+
+
+def frozen_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 24))
+
+
+def probes(train: np.ndarray, test: np.ndarray, data: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(task accuracy of a logistic regression, site balanced accuracy of a fresh MLP probe)."""
+    task = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train, data["ytr"])
+    mlp = make_pipeline(StandardScaler(), MLPClassifier((128, 128), max_iter=300, early_stopping=True,
+                                                        random_state=0)).fit(train, data["str"])
+    return task.score(test, data["yte"]), balanced_accuracy_score(data["ste"], mlp.predict(test))
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[DebiasedEncoder, dict[str, torch.Tensor]]:
+    xtr, ytr, s_tr = tinted_sites(3000, 0)
+    xte, yte, s_te = tinted_sites(1500, 1)
+    encoder = DebiasedEncoder(frozen_encoder(), None, [SITE])
+    loader = DataLoader(TensorDataset(xtr, s_tr.float()[:, None]), batch_size=256)
+    encoder.fit_alignment_head(loader)  # the silhouette score picks the 4 classes
+    return encoder, {"xtr": xtr, "xte": xte, "ytr": ytr, "yte": yte, "str": s_tr, "ste": s_te}
+
+
+def test_the_head_hides_the_site_from_a_fresh_probe_and_keeps_the_task(fitted) -> None:
+    encoder, data = fitted
+    with torch.no_grad():
+        raw = probes(encoder.features(data["xtr"]).numpy(), encoder.features(data["xte"]).numpy(), data)
+        debiased = probes(encoder(data["xtr"]).numpy(), encoder(data["xte"]).numpy(), data)
+    assert raw[1] > 0.9  # negative control: the raw features give the site away
+    assert debiased[1] <= 1 / 3 + 0.05, debiased  # chance 1/3; the quality target
+    assert debiased[0] >= raw[0] - 0.02 and debiased[0] > 0.95, (raw, debiased)
+    assert isinstance(encoder.heads.h, PredictedAlignment)
+    assert encoder.head_config.align_head_pieces == [4]
+
+
+def test_save_and_load_give_the_same_outputs(fitted, tmp_path: Path) -> None:
+    encoder, data = fitted
+    encoder.save_pretrained(tmp_path / "m")
+    head = json.loads((tmp_path / "m" / "config.json").read_text())["head"]
+    assert head["align_head_pieces"] == [4] and head["align_head_maps"] == "full"
+    loaded = DebiasedEncoder.from_pretrained(tmp_path / "m", backbone=frozen_encoder())
+    with torch.no_grad():
+        assert torch.equal(loaded(data["xte"]), encoder(data["xte"]))
+
+
+def test_bad_input_is_refused_with_the_fix(fitted) -> None:
+    encoder, data = fitted
+    loader = DataLoader(TensorDataset(data["xtr"], data["str"].float()[:, None]), batch_size=256)
+    with pytest.raises(ValueError, match="fitted alignment .*Build a new DebiasedEncoder"):
+        encoder.fit(loader, epochs=1)
+    both = DebiasedEncoder(frozen_encoder(), None, [SITE, Attribute("dose", "continuous")])
+    with pytest.raises(ValueError, match=r"categorical attributes only; \['dose'\] are continuous"):
+        both.fit_alignment_head(loader)
+    with pytest.raises(ValueError, match="samples must be an int >= 2"):
+        DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, samples=1)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head([])
+
+
+def test_onnx_export_matches(fitted, tmp_path: Path) -> None:
+    """The head exports (no cdist: the pieces are found by squared distances) and onnxruntime gives its outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    encoder, data = fitted
+    path = encoder.export_onnx(tmp_path / "head.onnx", data["xte"][:4])
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: data["xte"][:200].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, encoder(data["xte"][:200]).numpy(), atol=1e-4)
