@@ -91,6 +91,26 @@ def test_bad_input_is_refused_with_the_fix(fitted) -> None:
         DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, samples=1)
     with pytest.raises(ValueError, match="needs at least 2"):
         DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head([])
+    with pytest.raises(ValueError, match=r"a list of one per attribute \(1\), got \[2, 2\]"):
+        DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, clusters=[2, 2])
+    with pytest.raises(ValueError, match="maps must be one of"):
+        DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, maps="ful")
+    one_site = data["str"] == 0  # a loader ordered by site, read only as far as its first site
+    ordered = [(data["xtr"][one_site][:300], data["str"][one_site][:300].float()[:, None])]
+    with pytest.raises(ValueError, match=r"only class \[0\] of 'site'.*Shuffle the loader"):
+        DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(ordered)
+    two_sites = data["str"] < 2
+    partial = [(data["xtr"][two_sites], data["str"][two_sites].float()[:, None])]
+    with pytest.warns(UserWarning, match=r"Classes \[2\] of 'site' are not in the sample"):
+        DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(partial)
+
+
+def test_gradients_reach_the_features(fitted) -> None:
+    """As through the MLP: within a piece the map is affine, so saliency through the head works."""
+    encoder, data = fitted
+    z = encoder.features(data["xte"][:16]).requires_grad_(True)
+    encoder.debias(z).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
 def test_onnx_export_matches(fitted, tmp_path: Path) -> None:

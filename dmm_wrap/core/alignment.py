@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -190,9 +191,9 @@ class PredictedAlignment(nn.Module):
         self.alignment = alignment
         self.predictors = nn.ModuleList(predictors).requires_grad_(False)
 
-    @torch.no_grad()
     def forward(self, z: Tensor) -> Tensor:
-        """The aligned features of standardised features z [N, D], each attribute predicted from z."""
+        """The aligned features of standardised features z [N, D], each attribute predicted from z (differentiable
+        in z within a piece, as the MLP is: saliency and fine-tuning through the encoder still get gradients)."""
         for stage, predictor in zip(self.alignment.stages, self.predictors):
             z = stage.apply(z, predictor(z).argmax(-1))
         return z
@@ -219,6 +220,16 @@ def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, .
     if continuous:
         raise ValueError(f"The alignment head predicts categorical attributes only; {continuous} are continuous. "
                          "Use the distilled alignment instead (FitConfig.aligned()), or declare them categorical.")
+    for k, attr in enumerate(attributes):
+        seen = sorted(int(c) for c in torch.unique(b[:, k].long()).tolist())
+        if len(seen) < 2:
+            raise ValueError(f"The sample holds only class {seen} of {attr.name!r}: nothing to align. Shuffle the "
+                             "loader or read more samples, so that at least two classes are in it.")
+        absent = sorted(set(range(int(attr.num_classes or 0))) - set(seen))
+        if absent:
+            warnings.warn(f"Classes {absent} of {attr.name!r} are not in the sample: they are never predicted, and "
+                          "their rows get another class's map. Shuffle the loader or read more samples.",
+                          stacklevel=3)
     alignment = fit_alignment(z, b, attributes, clusters, 8, maps, seed, shrinkage)
     predictors, x = [], z.detach().float().cpu()
     for k, (attr, stage) in enumerate(zip(attributes, alignment.stages)):
@@ -229,9 +240,7 @@ def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, .
         coef = np.zeros((count, x.shape[1]))
         bias = np.full(count, -1e4)  # a class absent from the sample is never predicted
         classes = model.classes_.astype(int)
-        if len(classes) == 1:
-            bias[classes[0]] = 0.0
-        elif len(classes) == 2:  # scikit-learn keeps one row: the logit of the second class against the first
+        if len(classes) == 2:  # scikit-learn keeps one row: the logit of the second class against the first
             coef[classes[1]], bias[classes[0]], bias[classes[1]] = model.coef_[0], 0.0, model.intercept_[0]
         else:
             coef[classes], bias[classes] = model.coef_, model.intercept_

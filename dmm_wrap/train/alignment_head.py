@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -45,7 +45,9 @@ class AlignmentHeadMixin:
         Args:
             clusters: pieces per group, for all attributes or one per attribute (None: the silhouette score's).
             samples: rows read (the fit holds them in memory: samples x feature_dim floats).
-            maps: per-piece maps, "full", "diagonal" or "shift" (None: full up to 256 features).
+            maps: per-piece maps, "full", "diagonal" or "shift" (None: full up to 256 features). Full maps gather a
+                [N, D, D] tensor per batch at inference (about 270 MB for 1,024 rows of 256 features): use smaller
+                batches, or "diagonal".
             seed: k-means seed.
 
         Returns:
@@ -61,6 +63,16 @@ class AlignmentHeadMixin:
                              "Train the distilled alignment with fit(config=FitConfig.aligned()) instead.")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
             raise ValueError(f"samples must be an int >= 2, got {samples!r}.")
+        counts = clusters if isinstance(clusters, list) else [clusters]
+        if (isinstance(clusters, list) and len(clusters) != len(self.attributes)) or not all(
+                c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 1) for c in counts):
+            raise ValueError(f"clusters must be None, an int >= 1 or a list of one per attribute "
+                             f"({len(self.attributes)}), got {clusters!r}.")
+        if maps is not None and maps not in get_args(AlignMaps):
+            raise ValueError(f"maps must be one of {get_args(AlignMaps)} or None, got {maps!r}.")
+        if self.head_config.out_dim is not None:
+            raise ValueError(f"The alignment head keeps the feature width, but this encoder has out_dim="
+                             f"{self.head_config.out_dim}: build it without out_dim.")
         device = self.device
         zs, bs, n = [], [], 0
         for z, b in iterate_batches(loader, self.attributes, self.extractor, device, None):
