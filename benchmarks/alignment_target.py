@@ -19,7 +19,8 @@ For every problem with a categorical attribute (its first one), seed and piece c
                vector problems also give it on their inputs, before the frozen encoder (row "inputs").
 
 Each piece count has a second row, "B predicted": the same target with the attribute predicted from Z by a logistic
-regression fitted on the train split, T(z, b^(z)), a map that needs no B at inference (train and eval split alike).
+regression fitted on the train split, T(z, b^(z)), a map that needs no B at inference (train and eval split alike):
+`fit_predicted_alignment`, the alignment head's map.
 
 Example:
     python benchmarks/alignment_target.py --problems rotation,conv --clusters auto,4 --seeds 0,1
@@ -36,16 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from leakage import features, leakage, retention_r2, task_accuracy  # noqa: E402
 from problems import PROBLEMS  # noqa: E402
 
 from dmm_wrap import DebiasedEncoder  # noqa: E402
-from dmm_wrap.core.alignment import fit_alignment  # noqa: E402
+from dmm_wrap.core.alignment import fit_predicted_alignment  # noqa: E402
 
 MAX_PERMUTED = 8
 """gw_rank enumerates all permutations of the classes: at most 8! = 40,320."""
@@ -121,8 +119,9 @@ def run(name: str, seed: int, clusters: list[int | None], split: str) -> list[di
         rows.append({"problem": name, "seed": seed, "clusters": "inputs",
                      "gw_rank": gw_rank(train.inputs.double().numpy(), groups, labels)})
     for k in clusters:
-        align = fit_alignment(torch.from_numpy(ztr).float(), train.attrs[:, column:column + 1], (attr,), k, 8, None,
-                              seed)
+        head = fit_predicted_alignment(torch.from_numpy(ztr).float(), train.attrs[:, column:column + 1], (attr,), k,
+                                       None, seed)
+        align = head.alignment
         ttr = align(torch.from_numpy(ztr).float(), train.attrs[:, column:column + 1]).double().numpy()
         tev = align(torch.from_numpy(zev).float(), ev.attrs[:, column:column + 1]).double().numpy()
         purity, matched = matching(align.stages[0], ztr, groups, labels)
@@ -132,12 +131,9 @@ def run(name: str, seed: int, clusters: list[int | None], split: str) -> list[di
                      "leak_mlp": leakage(ttr, groups, tev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"],
                      "retention": retention_r2(ttr, train, tev, ev, problem, seed) / raw_retention,
                      "purity": purity, "matched": matched})
-        # The same target with the attribute predicted from Z (a logistic regression fitted on the train split):
-        # a map that needs no B at inference.
-        guess = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(ztr, groups)
-        ptr = align(torch.from_numpy(ztr).float(), torch.from_numpy(guess.predict(ztr)[:, None]).float()).double()
-        pev = align(torch.from_numpy(zev).float(), torch.from_numpy(guess.predict(zev)[:, None]).float()).double()
-        ptr, pev = ptr.numpy(), pev.numpy()
+        # The same target with the attribute predicted from Z (the alignment head's map): no B at inference.
+        with torch.no_grad():
+            ptr, pev = (head(torch.from_numpy(x).float()).double().numpy() for x in (ztr, zev))
         rows.append({"problem": name, "seed": seed, "clusters": f"{pieces}, B predicted",
                      "task": task_accuracy(ptr, labels, pev, ev.labels.numpy()),
                      "leak_mlp": leakage(ptr, groups, pev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"],

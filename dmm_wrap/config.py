@@ -139,11 +139,8 @@ class HeadConfig:
                 raise ValueError(f"HeadConfig.align_head_pieces must list one int >= 1 per attribute, got "
                                  f"{self.align_head_pieces!r}.")
             if self.out_dim is not None:
-                raise ValueError(f"An alignment head keeps the feature width, so out_dim must be None, got "
-                                 f"{self.out_dim!r}.")
-        if self.align_head_maps is not None and self.align_head_maps not in get_args(AlignMaps):
-            raise ValueError(f"HeadConfig.align_head_maps must be one of {get_args(AlignMaps)} or None, got "
-                             f"{self.align_head_maps!r}.")
+                raise ValueError(f"An alignment head keeps the feature width, so out_dim must be None (build the "
+                                 f"encoder without it), got {self.out_dim!r}.")
 
     @classmethod
     def aligned(cls, **overrides: Any) -> HeadConfig:

@@ -207,6 +207,15 @@ class PredictedAlignment(nn.Module):
         return cls(PiecewiseAlignment(stages), [nn.Linear(dim, g) for g in groups])
 
 
+def require_categorical(attributes: tuple[Attribute, ...]) -> None:
+    """Raise unless every attribute is categorical: the alignment head predicts class ids."""
+    continuous = [a.name for a in attributes if a.kind != "categorical"]
+    if continuous:
+        raise ValueError(f"The alignment head predicts categorical attributes only; {continuous} are continuous. "
+                         "Train the distilled alignment with fit(config=FitConfig.aligned()) instead, or declare "
+                         "them categorical.")
+
+
 def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
                             maps: MapKind | None, seed: int, shrinkage: float = 0.1,
                             max_iter: int = 2000) -> PredictedAlignment:
@@ -216,10 +225,7 @@ def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, .
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    continuous = [a.name for a in attributes if a.kind != "categorical"]
-    if continuous:
-        raise ValueError(f"The alignment head predicts categorical attributes only; {continuous} are continuous. "
-                         "Use the distilled alignment instead (FitConfig.aligned()), or declare them categorical.")
+    require_categorical(attributes)
     for k, attr in enumerate(attributes):
         seen = sorted(int(c) for c in torch.unique(b[:, k].long()).tolist())
         if len(seen) < 2:
@@ -398,4 +404,4 @@ def _gaussian_map(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["AlignmentStage", "AlignmentTarget", "PiecewiseAlignment", "PredictedAlignment", "default_maps",
-           "fit_alignment", "fit_predicted_alignment"]
+           "fit_alignment", "fit_predicted_alignment", "require_categorical"]

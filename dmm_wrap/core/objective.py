@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Attribute, HeadConfig
-from .alignment import PredictedAlignment, default_maps
+from .alignment import PredictedAlignment, default_maps, require_categorical
 from .estimators import CategoricalCLUB, ConditionalGaussian, GaussianCLUB, Residual, mlp
 from .isometry import isometry_loss, pair_weights
 from .matching import default_projections, group_ids, random_directions, sliced_group_discrepancy
@@ -59,11 +59,7 @@ class DeepMinMax(nn.Module):
         out_dim = cfg.out_dim or feature_dim
         self.out_dim = out_dim
         if cfg.align_head_pieces is not None:
-            continuous = [a.name for a in attributes if a.kind != "categorical"]
-            if continuous or len(cfg.align_head_pieces) != len(attributes):
-                raise ValueError(f"An alignment head needs one piece count per attribute, all categorical: got "
-                                 f"{cfg.align_head_pieces} for {[a.name for a in attributes]} (continuous: "
-                                 f"{continuous}).")
+            require_categorical(attributes)
             self.h: nn.Module = PredictedAlignment.empty(
                 feature_dim, [int(a.num_classes or 0) for a in attributes], list(cfg.align_head_pieces),
                 cfg.align_head_maps or default_maps(feature_dim))
