@@ -18,8 +18,11 @@ For each problem of `benchmarks/problems.py` and each seed, the feature sets bel
                  with the attribute predicted from Z, no training loop (--set align_clusters=K gives its pieces;
                  categorical attributes only)
 
-Every DeepMinMax variant is trained on the train split with the problem's epoch budget; every probe is trained on
-train features and scored on the evaluation split (--split val to choose settings, test to report). Reported:
+Every method is fitted on the train split (DeepMinMax variants with the problem's epoch budget). The task's logistic
+regression trains on the train features (the paper's protocol); the leakage and retention probes train on the
+problem's `probe` split, which no method saw, so that what a debiaser fitted to its own training samples cannot help
+it (--probe-split train gives that in-sample protocol, for comparison); all are scored on the evaluation split
+(--split val to choose settings, test to report). Reported:
 
     task         logistic regression on the task label (the paper's protocol)
     leak_mlp     a fresh MLP probe (hidden 128, 128: at least CLUB's q) on each attribute: balanced accuracy
@@ -132,18 +135,23 @@ def encode_for_erasure(b: np.ndarray, problem: Problem, bins: bool) -> np.ndarra
     return np.concatenate(cols, 1)
 
 
-def erased(method: str, ztr: np.ndarray, zev: np.ndarray, train: SplitData, ev: SplitData,
-           problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+def erased(method: str, ztr: np.ndarray, train: SplitData, others: list[tuple[np.ndarray, SplitData]],
+           problem: Problem) -> list[np.ndarray]:
+    """The eraser fitted on the train features, applied to train and to each of `others` (QuadraticEraser is given
+    each split's own B)."""
     from concept_erasure import LeaceEraser, QuadraticEraser
 
-    xtr, xev = torch.from_numpy(ztr).double(), torch.from_numpy(zev).double()
+    xtr = torch.from_numpy(ztr).double()
     if method == "leace":
         eraser = LeaceEraser.fit(xtr, torch.from_numpy(encode_for_erasure(train.attrs.numpy(), problem, False)).double())
-        return eraser(xtr).numpy(), eraser(xev).numpy()
-    btr = torch.from_numpy(encode_for_erasure(train.attrs.numpy(), problem, True)).long()
-    bev = torch.from_numpy(encode_for_erasure(ev.attrs.numpy(), problem, True)).long()
-    eraser = QuadraticEraser.fit(xtr, btr)
-    return eraser(xtr, btr).numpy(), eraser(xev, bev).numpy()
+        return [eraser(xtr).numpy()] + [eraser(torch.from_numpy(z).double()).numpy() for z, _ in others]
+
+    def ids(split: SplitData) -> torch.Tensor:
+        return torch.from_numpy(encode_for_erasure(split.attrs.numpy(), problem, True)).long()
+
+    quadratic = QuadraticEraser.fit(xtr, ids(train))
+    return [quadratic(xtr, ids(train)).numpy()] + [quadratic(torch.from_numpy(z).double(), ids(split)).numpy()
+                                                  for z, split in others]
 
 
 def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, overrides: dict[str, Any],
@@ -186,34 +194,40 @@ def features(enc: DebiasedEncoder, x: torch.Tensor, debiased: bool, batch_size: 
 
 
 def run_problem(name: str, seed: int, methods: list[str], split: str, overrides: dict[str, Any],
-                epochs_scale: float) -> dict[str, dict[str, Any]]:
+                epochs_scale: float, probe_split: str = "probe") -> dict[str, dict[str, Any]]:
+    """Every method on one problem and seed. The task's logistic regression trains on the train split (the paper's
+    protocol: a user trains on the debiased training features); the leakage and retention probes train on
+    `probe_split`, which no method was fitted on ("train" gives the in-sample protocol, for comparison)."""
     problem = PROBLEMS[name](seed)
     train, ev = problem.sample("train"), problem.sample(split)  # type: ignore[arg-type]
+    held = train if probe_split == "train" else problem.sample(probe_split)  # type: ignore[arg-type]
     raw_enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
     ztr, zev = features(raw_enc, train.inputs, False), features(raw_enc, ev.inputs, False)
-    raw_retention = retention_r2(ztr, train, zev, ev, problem, seed)
+    zpr = ztr if held is train else features(raw_enc, held.inputs, False)
+    raw_retention = retention_r2(zpr, held, zev, ev, problem, seed)
     rows: dict[str, dict[str, Any]] = {}
     for method in methods:
         extra: dict[str, float] = {}
         if method == "raw":
-            a, c = ztr, zev
+            a, c, d = ztr, zev, zpr
         elif method in ("leace", "quadratic"):
-            a, c = erased(method, ztr, zev, train, ev, problem)
-        elif method == "head":
-            enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
-            start = time.perf_counter()
-            enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size),
-                                   clusters=overrides.get("align_clusters"), seed=seed)
-            extra = {"fit_seconds": time.perf_counter() - start}
-            a, c = features(enc, train.inputs, True), features(enc, ev.inputs, True)
+            a, c, d = erased(method, ztr, train, [(zev, ev), (zpr, held)], problem)
         else:
-            enc, extra = fit_variant(method, problem, train, seed, overrides, epochs_scale)
-            a, c = features(enc, train.inputs, True), features(enc, ev.inputs, True)
+            if method == "head":
+                enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
+                start = time.perf_counter()
+                enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs),
+                                                  batch_size=problem.batch_size),
+                                       clusters=overrides.get("align_clusters"), seed=seed)
+                extra = {"fit_seconds": time.perf_counter() - start}
+            else:
+                enc, extra = fit_variant(method, problem, train, seed, overrides, epochs_scale)
+            a, c, d = (features(enc, x.inputs, True) for x in (train, ev, held))
         row: dict[str, Any] = {"task": task_accuracy(a, train.labels.numpy(), c, ev.labels.numpy()), **extra}
         for k, attr in enumerate(problem.attributes):
-            leak = leakage(a, train.attrs[:, k].numpy(), c, ev.attrs[:, k].numpy(), attr.kind == "categorical", seed)
+            leak = leakage(d, held.attrs[:, k].numpy(), c, ev.attrs[:, k].numpy(), attr.kind == "categorical", seed)
             row.update({f"{key}.{attr.name}": v for key, v in leak.items()})
-        row["retention"] = retention_r2(a, train, c, ev, problem, seed) / raw_retention
+        row["retention"] = retention_r2(d, held, c, ev, problem, seed) / raw_retention
         rows[method] = row
         print(f"  {name} seed {seed} {method:10s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
     return rows
@@ -284,9 +298,10 @@ def table(summary: dict[str, dict[str, dict[str, Any]]], problems: dict[str, Pro
 def merge_into(path: Path, payload: dict[str, Any], problems: dict[str, Problem]) -> dict[str, Any]:
     """`payload`'s rows added to the results file `path` (same split and seeds); rows both hold must agree."""
     old = json.loads(path.read_text())
-    if (old["split"], old["seeds"]) != (payload["split"], payload["seeds"]):
-        raise SystemExit(f"--merge-into {path}: it holds split {old['split']} seeds {old['seeds']}, this run "
-                         f"{payload['split']} {payload['seeds']}.")
+    mine = (payload["split"], payload["seeds"], payload["probe_split"])
+    theirs = (old["split"], old["seeds"], old.get("probe_split", "train"))  # files before the probe split: train
+    if theirs != mine:
+        raise SystemExit(f"--merge-into {path}: it holds (split, seeds, probe split) {theirs}, this run {mine}.")
     for name, methods in payload["summary"].items():
         into = old["summary"].setdefault(name, {})
         for method, stats in methods.items():
@@ -324,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="val to choose settings, test to report")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a FitConfig / HeadConfig field of the 'dmm' method")
+    parser.add_argument("--probe-split", choices=("probe", "train"), default="probe",
+                        help="the split the leakage and retention probes train on: 'probe', which no method was "
+                             "fitted on (default), or 'train', the in-sample protocol of earlier results")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every problem's epoch budget")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and BLAS threads (1 by default: on a shared 2-core machine, 2 BLAS threads made "
@@ -350,16 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         results[name] = {}
         for seed in seeds:
-            results[name][seed] = run_problem(name, seed, methods, args.split, overrides, args.epochs_scale)
+            results[name][seed] = run_problem(name, seed, methods, args.split, overrides, args.epochs_scale,
+                                                args.probe_split)
         problems[name] = PROBLEMS[name](seeds[0])
     summary = summarise(results)
-    print(f"\n# Leakage suite ({args.split} split, {len(seeds)} seeds, mean ± sd; "
+    print(f"\n# Leakage suite ({args.split} split, probes trained on {args.probe_split}, {len(seeds)} seeds, "
+          f"mean ± sd; "
           f"{time.perf_counter() - start:.0f} s; dmm overrides {overrides or 'none'}; epochs x{args.epochs_scale})")
     print(table(summary, problems))
     if args.json or args.merge_into:
         path = Path(args.merge_into or args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"split": args.split, "seeds": seeds, "overrides": overrides, "epochs_scale": args.epochs_scale,
+        payload = {"split": args.split, "probe_split": args.probe_split, "seeds": seeds, "overrides": overrides, "epochs_scale": args.epochs_scale,
                    "summary": summary, "targets": {n: targets(n, summary[n], problems[n]) for n in summary}}
         if args.merge_into:
             payload = merge_into(path, payload, problems)

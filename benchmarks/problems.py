@@ -19,8 +19,11 @@ from torch import Tensor, nn
 
 from dmm_wrap import Attribute
 
-Split = Literal["train", "val", "test", "select"]
-SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3, "select": 4}
+Split = Literal["train", "val", "test", "select", "probe"]
+SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3, "select": 4, "probe": 5}
+"""`probe`: the split the suite's leakage and retention probes are trained on, as large as train (the probe has as
+much data as the debiaser had); no method is fitted on it, so a probe cannot be helped by what a debiaser learnt of
+its own training samples."""
 
 
 @dataclass
@@ -91,7 +94,7 @@ def vector_problem(kind: str, seed: int, n: dict[Split, int] | None = None) -> P
     offset and tanh to the content, as staining does), "rotation" (each group applies its own random rotation to the
     content: an arbitrary transform) or "continuous" (a uniform angle in +-45 degrees rotates every coordinate pair).
     """
-    n = n or {"train": 4000, "val": 2000, "test": 2000, "select": 2000}
+    n = n or {"train": 4000, "val": 2000, "test": 2000, "select": 2000, "probe": 4000}
     dim, classes, groups, zdim = 16, 8, 4, 64
     gen = torch.Generator().manual_seed(10_000 + seed)
     means = torch.randn(classes, dim, generator=gen) * 1.5
@@ -136,7 +139,7 @@ def conv_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
     contrast and adds its own noise level."""
     from dmm_wrap import create_backbone
 
-    n = n or {"train": 1500, "val": 500, "test": 500, "select": 500}
+    n = n or {"train": 1500, "val": 500, "test": 500, "select": 500, "probe": 1500}
     torch.manual_seed(20_000 + seed)
     backbone = create_backbone("torchvision:resnet18").eval()
     tint = torch.tensor([[1.0, 0.0, -1.0], [-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]])
@@ -169,12 +172,13 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
     from dmm_wrap.apps.digits import SyntheticDigits
     from dmm_wrap.apps.pretrained import DIGITS_ENCODER_LAYER
 
-    n = n or {"train": 4096, "val": 2048, "test": 2048, "select": 2048}
+    n = n or {"train": 4096, "val": 2048, "test": 2048, "select": 2048, "probe": 4096}
     backbone = load_digits_encoder()
     attributes = SyntheticDigits("train", 8).attributes
 
     def sample(split: Split) -> SplitData:
-        # The val split draws from the training writers with another seed; test uses the held-out writers.
+        # val, select and probe draw from the training writers with seeds of their own; test uses the held-out
+        # writers.
         source = "test" if split == "test" else "train"
         ds = SyntheticDigits(source, n[split], num_sites=3, seed=100 * seed + SPLIT_SEEDS[split])
         batch = ds.generate()

@@ -34,15 +34,19 @@ def main() -> None:
     torch.manual_seed(0)
     xtr, ytr, str_ = make_images(1024, 0)
     xte, yte, ste = make_images(512, 1)
+    xpr, _, spr = make_images(1024, 2)  # the site probe trains here: images neither head was fitted on
     encoder = DebiasedEncoder(create_backbone("torchvision:resnet18"), "layer2",
                               [Attribute("site", "categorical", num_classes=3)], input_size=(3, 32, 32))
     loader = DataLoader(TensorDataset(xtr, str_.float()[:, None]), batch_size=128, shuffle=True)
     history = encoder.fit(loader, epochs=15)
     print(f"trained {history.steps_done} steps; last CLUB estimate {history.debias[-1]:.3f} nats")
 
-    def scores(train: torch.Tensor, test: torch.Tensor) -> tuple[float, float]:
+    def scores(features) -> tuple[float, float]:
+        """Task accuracy of a logistic regression trained on the training images; site accuracy of a fresh MLP probe
+        trained on the probe images (on the training images it could learn what the head did to them)."""
+        train, probe, test = features(xtr), features(xpr), features(xte)
         task = LogisticRegression(max_iter=3000).fit(train, ytr).score(test, yte)
-        leak = MLPClassifier((128,), max_iter=500, random_state=0).fit(train, str_).score(test, ste)
+        leak = MLPClassifier((128,), max_iter=500, random_state=0).fit(probe, spr).score(test, ste)
         return task, leak
 
     # The alignment head: the same frozen backbone (same seed), h_theta a fitted alignment applied with the site
@@ -52,10 +56,8 @@ def main() -> None:
                               [Attribute("site", "categorical", num_classes=3)], input_size=(3, 32, 32))
     aligned.fit_alignment_head(loader)
 
-    raw = scores(encoder.features(xtr), encoder.features(xte))
     with torch.no_grad():
-        dmm = scores(encoder(xtr), encoder(xte))
-        head = scores(aligned(xtr), aligned(xte))
+        raw, dmm, head = scores(encoder.features), scores(encoder), scores(aligned)
     chance = torch.bincount(ste).max().item() / len(ste)
     print(f"{'features':16s} {'task acc':>9s} {'site acc (MLP probe)':>21s}   majority rate {chance:.3f}")
     print(f"{'raw':16s} {raw[0]:9.3f} {raw[1]:21.3f}")

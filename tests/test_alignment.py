@@ -54,8 +54,9 @@ def test_alignment_matches_the_same_content_across_groups_and_removes_the_group(
         means = torch.stack([target[(y == k) & (b[:, 0] == g)].mean(0) for g in range(3)])
         assert (means - means.mean(0)).norm(dim=1).max() < 0.15
     zt, bt, _ = _mixture(1500, 1)
-    raw = _probe(z.numpy(), b[:, 0].numpy(), zt.numpy(), bt[:, 0].numpy())
-    aligned = _probe(target.numpy(), b[:, 0].numpy(), align(zt, bt).numpy(), bt[:, 0].numpy())
+    zp, bp, _ = _mixture(3000, 2)  # the group probe trains here: samples the alignment was not fitted on
+    raw = _probe(zp.numpy(), bp[:, 0].numpy(), zt.numpy(), bt[:, 0].numpy())
+    aligned = _probe(align(zp, bp).numpy(), bp[:, 0].numpy(), align(zt, bt).numpy(), bt[:, 0].numpy())
     assert raw > 0.6  # negative control: the group is readable before (chance 1/3)
     assert aligned < 1 / 3 + 0.06
     # The classes survive.

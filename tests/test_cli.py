@@ -62,7 +62,9 @@ def test_smoke_run_writes_every_output(smoke_run: tuple[Path, torch.Tensor], cap
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     data = json.loads((out / "metrics.json").read_text())
-    assert set(data) == {"methods", "wall_seconds", "weights_sha256"} and data["wall_seconds"] > 0
+    assert set(data) == {"methods", "wall_seconds", "weights_sha256", "leakage_probes"} and data["wall_seconds"] > 0
+    assert data["leakage_probes"] == "probe"  # the default job's data.num_probe split
+    assert "probes trained on the probe split" in (out / "report.md").read_text()
     assert list(data["methods"]) == ["raw", "leace", "dmm"]
     for method in data["methods"].values():
         assert set(method) == {"task_accuracy", "leakage"} and isinstance(method["task_accuracy"], float)
@@ -279,6 +281,10 @@ def test_validation_split_selects_the_saved_model(tmp_path: Path) -> None:
     from dmm_wrap.apps.build import build_data
     assert build_data(load_run_config(DEFAULT, [])).val.dataset.num_samples == 2048
     assert build_data(load_run_config(DEFAULT, [("fit.max_steps", 5)])).val.dataset.num_samples == 512
+    # ... and its probe split (draws of their own), likewise capped in a smoke run; 0 builds none.
+    assert build_data(load_run_config(DEFAULT, [])).probe.dataset.num_samples == 8192
+    assert build_data(load_run_config(DEFAULT, [("fit.max_steps", 5)])).probe.dataset.num_samples == 512
+    assert build_data(load_run_config(DEFAULT, [("data.num_probe", 0)])).probe is None
     # Negative control: without a validation split nothing is selected.
     assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / "plain"), *fast[:-4], "--set", "data.num_val=0"]) == 0
     assert json.loads((tmp_path / "plain" / "history.json").read_text())["selected_step"] is None
@@ -310,6 +316,10 @@ def test_image_csv_model_records_the_preprocessing_it_was_trained_with(tmp_path:
     assert data.val is None
     val = build_data(load_run_config(tmp_path / "run.yaml", [("data.val_csv", str(tmp_path / "a.csv"))])).val
     assert val is not None and torch.equal(val.dataset[1][0], image)
+    # data.probe_csv: the leakage probes' split, read likewise, in order; none unless given.
+    assert data.probe is None
+    probe = build_data(load_run_config(tmp_path / "run.yaml", [("data.probe_csv", str(tmp_path / "a.csv"))])).probe
+    assert probe is not None and torch.equal(probe.dataset[1][0], image)
 
 
 def test_image_csv_eval_split_and_saved_model_use_the_training_vocabulary(tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -116,7 +116,7 @@ def test_nuisances_are_visible_to_a_pixel_probe(train_batch, test_batch) -> None
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(split="valid", num_samples=10), "split must be 'train', 'val' or 'test'"),
+    (dict(split="valid", num_samples=10), "split must be 'train', 'val', 'test' or 'probe'"),
     (dict(split="train", num_samples=0), "num_samples must be an int >= 1"),
     (dict(split="train", num_samples=10, num_sites=1), "num_sites must be an int in 2..8"),
     (dict(split="train", num_samples=10, num_sites=9), "num_sites must be an int in 2..8"),

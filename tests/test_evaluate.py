@@ -88,7 +88,9 @@ def test_metrics_json_schema(tmp_path: Path, mlp_backbone: nn.Module) -> None:
     metrics = evaluate(enc, train, test, FAST)
     data = json.loads(metrics.write(tmp_path / "metrics.json").read_text())
 
-    assert set(data) == {"methods", "wall_seconds"} and isinstance(data["wall_seconds"], float)
+    assert set(data) == {"methods", "wall_seconds", "leakage_probes"} and isinstance(data["wall_seconds"], float)
+    assert data["leakage_probes"] == "train"  # no probe loader: in-sample, and metrics.json says so
+    assert Metrics.from_dict(data).leakage_probes == "train"
     assert list(data["methods"]) == ["raw", "leace", "dmm"]
     for method in data["methods"].values():
         assert set(method) == {"task_accuracy", "leakage"} and isinstance(method["task_accuracy"], float)
@@ -100,6 +102,34 @@ def test_metrics_json_schema(tmp_path: Path, mlp_backbone: nn.Module) -> None:
         assert site["metric"] == "balanced_accuracy" and site["chance"] == pytest.approx(1 / 3)
         assert tilt["metric"] == "r2" and tilt["chance"] is None
     assert Metrics.from_dict(data) == metrics
+
+
+def test_probe_split_catches_a_debiaser_that_hides_b_on_its_training_rows_only() -> None:
+    """On its training rows Z~ carries the attributes of other rows (what a debiaser that memorised them could
+    output: B looks independent of Z~ there) and is Z elsewhere: probes trained on the train features read chance
+    (in-sample, fooled); probes trained on a probe split read B as well as from raw Z. The task classifier still
+    trains on train either way."""
+    from dmm_wrap.apps.evaluate import compare_all
+
+    train, test, probe = linear_problem(1500, 0), linear_problem(1000, 1), linear_problem(1500, 2)
+    rng, mix = np.random.default_rng(5), np.random.default_rng(99).normal(size=(4, 12))  # linear_problem's mix
+
+    def encoded(site: np.ndarray, tilt: np.ndarray) -> np.ndarray:
+        return 2.0 * np.concatenate([np.eye(3)[site.astype(int)], tilt[:, None]], axis=1) @ mix
+
+    shuffled = rng.permutation(len(train.attrs))
+    swapped = train.raw - encoded(*train.attrs.T) + encoded(*train.attrs[shuffled].T)
+    train = train._replace(debiased=swapped.astype(np.float32))
+    fooled, _ = compare_all(train, test, ATTRS, FAST)
+    caught, _ = compare_all(train, test, ATTRS, FAST, probe)
+    site, tilt = fooled["dmm"].leakage["site"], fooled["dmm"].leakage["tilt"]
+    # In sample the linear probes read chance (1/3, R^2 0); the MLP, trained where B is noise, responds to the test
+    # rows' B only through its random initial weights.
+    assert site.linear < 0.4 and tilt.linear < 0.05
+    assert caught["dmm"].leakage["site"].mlp > 0.9 and caught["dmm"].leakage["tilt"].mlp > 0.8
+    assert site.mlp < caught["dmm"].leakage["site"].mlp - 0.1 and tilt.mlp < caught["dmm"].leakage["tilt"].mlp - 0.3
+    assert caught["raw"].leakage["site"].mlp == pytest.approx(caught["dmm"].leakage["site"].mlp, abs=0.02)
+    assert caught["dmm"].task_accuracy == fooled["dmm"].task_accuracy  # the same train-fitted classifier
 
 
 def test_extract_features_caps_samples_and_fills_missing_labels(mlp_backbone: nn.Module) -> None:

@@ -1,5 +1,6 @@
-"""Debiasing quality on an entangled problem, measured by a fresh probe that never saw training (the full suite is
-benchmarks/leakage.py). The attribute here changes how the content looks, not where the features sit."""
+"""Debiasing quality on an entangled problem, measured by a fresh probe trained on samples no debiaser was fitted on
+and scored on others (the full suite is benchmarks/leakage.py). The attribute here changes how the content looks,
+not where the features sit."""
 
 from __future__ import annotations
 
@@ -43,15 +44,17 @@ def _fit(problem, train, head: HeadConfig, cfg: FitConfig) -> DebiasedEncoder:
 
 @pytest.fixture(scope="module")
 def style_problem():
-    problem = vector_problem("style", 0, {"train": 3000, "val": 0, "test": 1500})
-    return problem, problem.sample("train"), problem.sample("test")
+    """The problem, its train split (what fit sees), its test split and its probe split (what the leakage probes
+    train on: on fit's own samples a probe could learn what h_theta did to them)."""
+    problem = vector_problem("style", 0, {"train": 3000, "val": 0, "test": 1500, "probe": 3000})
+    return problem, problem.sample("train"), problem.sample("test"), problem.sample("probe")
 
 
 def test_raw_features_leak_the_entangled_attribute(style_problem) -> None:
     # Negative control: the attribute is readable from the raw features by a fresh probe (chance 0.25).
-    problem, train, test = style_problem
+    problem, _, test, probe = style_problem
     enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
-    leak = _fresh_probe(_features(enc, train.inputs, False), train.attrs[:, 0].numpy(),
+    leak = _fresh_probe(_features(enc, probe.inputs, False), probe.attrs[:, 0].numpy(),
                         _features(enc, test.inputs, False), test.attrs[:, 0].numpy())
     assert leak > 0.75
 
@@ -60,46 +63,65 @@ def test_raw_features_leak_the_entangled_attribute(style_problem) -> None:
                                        "still reads the entangled attribute far above chance (README, 'What is known "
                                        "not to work yet'). When this passes, drop the xfail.")
 def test_debiased_features_hide_the_entangled_attribute(style_problem) -> None:
-    problem, train, test = style_problem
+    problem, train, test, probe = style_problem
     enc = _fit(problem, train, HeadConfig(), FitConfig(epochs=10, progress=False))
-    leak = _fresh_probe(_features(enc, train.inputs, True), train.attrs[:, 0].numpy(),
+    leak = _fresh_probe(_features(enc, probe.inputs, True), probe.attrs[:, 0].numpy(),
                         _features(enc, test.inputs, True), test.attrs[:, 0].numpy())
     assert leak <= 0.25 + 0.05
 
 
-@pytest.mark.slow
-def test_aligned_features_hide_the_entangled_attribute_and_keep_the_task(style_problem) -> None:
-    """The suite's aligned setting (HeadConfig.aligned(), FitConfig.aligned()) on the style problem: a fresh MLP
-    probe on held-out Z~ is near chance (0.25) while raw reads > 0.75 (the control above), the task is kept, and the
-    within-class detail stays readable given B."""
+@pytest.fixture(scope="module")
+def aligned_readings(style_problem) -> dict[str, float]:
+    """The suite's aligned setting (HeadConfig.aligned(), FitConfig.aligned()) fitted on the style problem: the MLP
+    probe's site reading of Z~ and of raw Z, task accuracy, and the within-class detail an MLP given (features, B)
+    reads from Z~ and from raw Z (R^2). Every probe trains on the probe split and scores on the test split."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import r2_score
     from sklearn.neural_network import MLPRegressor
 
-    problem, train, test = style_problem
+    problem, train, test, probe = style_problem
     enc = _fit(problem, train, HeadConfig.aligned(), FitConfig.aligned(epochs=250, progress=False))
-    a, c = _features(enc, train.inputs, True), _features(enc, test.inputs, True)
-    assert _fresh_probe(a, train.attrs[:, 0].numpy(), c, test.attrs[:, 0].numpy()) <= 0.25 + 0.05
-    task = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(a, train.labels.numpy())
-    assert task.score(c, test.labels.numpy()) > 0.98
-
-    def detail_r2(x_tr: np.ndarray, x_te: np.ndarray) -> float:
-        onehot = np.eye(4)
-        probe = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(128, 128), max_iter=300,
-                                                             early_stopping=True, random_state=0))
-        probe.fit(np.concatenate([x_tr, onehot[train.attrs[:, 0].long()]], 1), train.detail.numpy())
-        return r2_score(test.detail.numpy(), probe.predict(np.concatenate([x_te, onehot[test.attrs[:, 0].long()]], 1)))
-
     raw = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
-    assert detail_r2(a, c) > 0.5 * detail_r2(_features(raw, train.inputs, False), _features(raw, test.inputs, False))
+
+    def detail_r2(x_pr: np.ndarray, x_te: np.ndarray) -> float:
+        onehot = np.eye(4)
+        model = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(128, 128), max_iter=300,
+                                                             early_stopping=True, random_state=0))
+        model.fit(np.concatenate([x_pr, onehot[probe.attrs[:, 0].long()]], 1), probe.detail.numpy())
+        return r2_score(test.detail.numpy(), model.predict(np.concatenate([x_te, onehot[test.attrs[:, 0].long()]], 1)))
+
+    a, c, d = (_features(enc, split.inputs, True) for split in (train, test, probe))
+    rc, rd = (_features(raw, split.inputs, False) for split in (test, probe))
+    task = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(a, train.labels.numpy())
+    return {"leak": _fresh_probe(d, probe.attrs[:, 0].numpy(), c, test.attrs[:, 0].numpy()),
+            "raw_leak": _fresh_probe(rd, probe.attrs[:, 0].numpy(), rc, test.attrs[:, 0].numpy()),
+            "task": task.score(c, test.labels.numpy()), "detail": detail_r2(d, c), "raw_detail": detail_r2(rd, rc)}
+
+
+@pytest.mark.slow
+def test_aligned_features_lower_the_leak_and_keep_the_task_and_the_detail(aligned_readings) -> None:
+    r = aligned_readings
+    assert r["raw_leak"] > 0.75  # negative control
+    assert r["leak"] < r["raw_leak"] - 0.3, r
+    assert r["task"] > 0.98, r
+    assert r["detail"] > 0.5 * r["raw_detail"], r
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="Quality target not met: a fresh MLP probe trained on samples fit never saw "
+                                       "reads the group at 0.352 (target <= chance + 0.05 = 0.30; raw 0.832). With the "
+                                       "probe trained on fit's own samples it read 0.25 or less: that protocol "
+                                       "understated the leakage.")
+def test_aligned_features_hide_the_entangled_attribute(aligned_readings) -> None:
+    assert aligned_readings["leak"] <= 0.25 + 0.05, aligned_readings
 
 
 def test_matching_term_lowers_the_linear_leak_and_keeps_the_task(style_problem) -> None:
     """What the group-matching term does achieve: the linear trace of the attribute falls far below raw's while the
-    task is kept (a fresh linear probe, trained on held-out features)."""
+    task is kept (fresh linear probes: the attribute's trained on the probe split, the task's on train)."""
     from sklearn.linear_model import LogisticRegression
 
-    problem, train, test = style_problem
+    problem, train, test, probe = style_problem
 
     def linear(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray) -> float:
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
@@ -108,9 +130,9 @@ def test_matching_term_lowers_the_linear_leak_and_keeps_the_task(style_problem) 
     raw = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
     enc = _fit(problem, train, HeadConfig(residual=True), FitConfig(epochs=10, match_weight=10.0, lam=0.0,
                                                                     progress=False))
-    b_tr, b_te = train.attrs[:, 0].numpy().astype(int), test.attrs[:, 0].numpy().astype(int)
-    raw_leak = linear(_features(raw, train.inputs, False), b_tr, _features(raw, test.inputs, False), b_te)
-    a, c = _features(enc, train.inputs, True), _features(enc, test.inputs, True)
+    b_pr, b_te = probe.attrs[:, 0].numpy().astype(int), test.attrs[:, 0].numpy().astype(int)
+    raw_leak = linear(_features(raw, probe.inputs, False), b_pr, _features(raw, test.inputs, False), b_te)
+    a, c, d = (_features(enc, split.inputs, True) for split in (train, test, probe))
     assert raw_leak > 0.75
-    assert linear(a, b_tr, c, b_te) < raw_leak - 0.25
+    assert linear(d, b_pr, c, b_te) < raw_leak - 0.25
     assert linear(a, train.labels.numpy(), c, test.labels.numpy()) > 0.98

@@ -38,6 +38,9 @@ class RunData(NamedTuple):
     val: DataLoader | None = None
     """Held-out batches of the training sites for model selection (`fit(..., val_loader=)`); None = none
     configured. Sharded like `train` under torchrun: each rank reads its share of the selection sample."""
+    probe: DataLoader | None = None
+    """Held-out batches the evaluation's leakage probes are trained on (never fitted on); None = none configured,
+    the probes train on `train_eval`."""
 
 
 def run_preprocessing(cfg: RunConfig) -> Preprocessing | None:
@@ -60,6 +63,7 @@ class _Sets(NamedTuple):
     attributes: tuple[Attribute, ...]
     label_name: str
     vocabulary: dict[str, list[str]] | None
+    probe: Any = None
 
 
 def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None, with_val: bool) -> _Sets:
@@ -73,7 +77,10 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None, with_val:
         train = SyntheticDigits("train", d.num_train, sites=d.train_sites, **options)
         num_val = min(d.num_val, cfg.eval.smoke_samples) if is_smoke_run(cfg.fit.max_steps) else d.num_val
         val = SyntheticDigits("val", num_val, sites=d.train_sites, **options) if num_val and with_val else None
-        return _Sets(train, SyntheticDigits("test", d.num_test, **options), val, train.attributes, "digit", None)
+        num_probe = min(d.num_probe, cfg.eval.smoke_samples) if is_smoke_run(cfg.fit.max_steps) else d.num_probe
+        probe = SyntheticDigits("probe", num_probe, sites=d.train_sites, **options) if num_probe else None
+        return _Sets(train, SyntheticDigits("test", d.num_test, **options), val, train.attributes, "digit", None,
+                     probe)
     transform = run_preprocessing(cfg).transform()
     if d.kind == "image_csv":
         from ..data import ImageCSVDataset
@@ -86,7 +93,7 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None, with_val:
                                                             **options)
 
         return _Sets(train, held_out(d.test_csv), held_out(d.val_csv if with_val else None), tuple(d.attributes),
-                     d.label_column or "label", train.vocabulary)
+                     d.label_column or "label", train.vocabulary, held_out(d.probe_csv))
     if d.kind == "hf_dataset":
         from ..data.hf import HFImageDataset, hf_split, load_hf_splits
 
@@ -100,14 +107,16 @@ def _datasets(cfg: RunConfig, vocabulary: dict[str, list[str]] | None, with_val:
 
         train = split(d.train_split, vocabulary)
         val = split(d.val_split, train.vocabulary) if d.val_split and with_val else None
+        probe = split(d.probe_split, train.vocabulary) if d.probe_split else None
         return _Sets(train, split(d.test_split or "test", train.vocabulary), val, tuple(d.attributes),
-                     d.label_column or "label", train.vocabulary)
+                     d.label_column or "label", train.vocabulary, probe)
     from ..data import camelyon17
 
     train = camelyon17(d.root, split=d.train_split.split("+"), transform=transform)
     test = camelyon17(d.root, split=(d.test_split or "id_val").split("+"), transform=transform)
     val = camelyon17(d.root, split=d.val_split.split("+"), transform=transform) if d.val_split and with_val else None
-    return _Sets(train, test, val, train.attributes, "tumor", None)
+    probe = camelyon17(d.root, split=d.probe_split.split("+"), transform=transform) if d.probe_split else None
+    return _Sets(train, test, val, train.attributes, "tumor", None, probe)
 
 
 def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
@@ -139,7 +148,7 @@ def build_data(cfg: RunConfig, rank: int = 0, world_size: int = 1,
 
     val = None if sets.val is None else sharded(sets.val, False)
     return RunData(sets.attributes, sharded(sets.train, True), loader(sets.train, False), loader(sets.test, False),
-                   sets.label_name, sets.vocabulary, val)
+                   sets.label_name, sets.vocabulary, val, None if sets.probe is None else loader(sets.probe, False))
 
 
 def build_model(cfg: RunConfig, attributes: Sequence[Attribute]) -> DebiasedEncoder:

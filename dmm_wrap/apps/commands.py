@@ -56,12 +56,13 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
     cap = ecfg.sample_cap(cfg.fit.max_steps)
     train = extract_features(model, data.train_eval, cap)
     test = extract_features(model, data.test, cap)
+    probe = None if data.probe is None else extract_features(model, data.probe, cap)
     skipped = []
     if ecfg.leace and not _importable("concept_erasure"):
         _warn("LEACE skipped: it needs concept-erasure, pip install 'dmm-wrap[eval]' (or set eval.leace: false).")
         skipped.append("LEACE was skipped: concept-erasure is not installed (pip install 'dmm-wrap[eval]').")
         ecfg = dataclasses.replace(ecfg, leace=False)
-    methods, transfer = compare_all(train, test, data.attributes, ecfg)
+    methods, transfer = compare_all(train, test, data.attributes, ecfg, probe)
     figures = [name for name, wanted in (("tsne.png", ecfg.tsne_samples > 0),
                                          ("training_curves.png", history is not None and bool(history.step)),
                                          ("transfer.png", bool(transfer))) if wanted]
@@ -76,12 +77,19 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
         assert history is not None
         plot_training_curves(history, out / "training_curves.png")
     metrics = Metrics(methods, time.perf_counter() - start, file_sha256(weights) if weights is not None else None,
-                      transfer)
+                      transfer, "train" if probe is None else "probe")
     if "transfer.png" in figures:
         plot_transfer(metrics, out / "transfer.png")
     targets = check_targets(metrics)
     notes = [f"Evaluated on {len(train.raw)} train and {len(test.raw)} test samples"
              + (" (smoke run: eval.smoke_samples cap)." if cap is not None and cap != ecfg.max_samples else ".")]
+    if probe is None:
+        notes.append("The leakage probes were trained on the training samples h_theta was fitted on (in-sample), "
+                     "which can understate the leakage: set data.num_probe (generated digits), data.probe_csv or "
+                     "data.probe_split to train them on samples nothing was fitted on.")
+    else:
+        notes.append(f"The leakage probes were trained on {len(probe.raw)} held-out probe samples that neither fit "
+                     "nor model selection saw; the task classifier and LEACE on the train samples.")
     notes += skipped
     if history is not None:
         notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
@@ -186,8 +194,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    """Audit a saved model's raw and debiased features on the config's data: probes fitted on the training data,
-    scored on the test data; write audit.json and audit.md and print the table."""
+    """Audit a saved model's raw and debiased features on the config's data: probes fitted on the probe split (the
+    training data when none is configured), scored on the test data; write audit.json and audit.md and print the
+    table."""
     start = time.perf_counter()
     overrides = config_overrides(args)
     cfg = load_run_config(args.config, overrides)
@@ -197,7 +206,8 @@ def run_audit(args: argparse.Namespace) -> int:
     out = folder if into_model else Path(cfg.output_dir)
     with cpu_threads(cfg.num_threads):
         model, data = _saved_model_and_data(cfg, folder)
-        report = audit(model, data.train_eval, test_loader=data.test, config=cfg.audit, probes=cfg.eval)
+        fit_on = data.probe if data.probe is not None else data.train_eval
+        report = audit(model, fit_on, test_loader=data.test, config=cfg.audit, probes=cfg.eval)
         source = {"source": str(args.model), "weights_sha256": read_config(folder / CONFIG_NAME).get("weights_sha256")}
         report = dataclasses.replace(report, model=source, wall_seconds=time.perf_counter() - start)
         report.write(out)

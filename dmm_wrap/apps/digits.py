@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..config import Attribute
 
-Split = Literal["train", "val", "test"]
+Split = Literal["train", "val", "test", "probe"]
 
 SYNTHETIC_ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("rotation", "continuous"),
@@ -42,7 +42,7 @@ TEST_FRACTION = 0.3
 _SPLIT_SEED = 0
 _CHUNK = 256
 _MASK64 = (1 << 64) - 1
-_SPLIT_CODES = {"train": 1, "test": 2, "val": 3}
+_SPLIT_CODES = {"train": 1, "test": 2, "val": 3, "probe": 4}
 
 # Per site: background RGB, foreground RGB, Gaussian blur sigma (in pixels of a 32x32 image).
 _SITE_STYLES: tuple[tuple[tuple[float, float, float], tuple[float, float, float], float], ...] = (
@@ -84,7 +84,7 @@ def source_digits() -> tuple[Tensor, Tensor]:
 
 def source_indices(split: Split) -> Tensor:
     """Indices into `sklearn.datasets.load_digits()` of the source images of `split`: "test" holds writers that
-    "train" and "val" never see; "val" renders the training writers with draws of its own."""
+    "train", "val" and "probe" never see; "val" and "probe" render the training writers with draws of their own."""
     _check_split(split)
     n = len(source_digits()[1])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
@@ -94,7 +94,7 @@ def source_indices(split: Split) -> Tensor:
 
 def _check_split(split: Any) -> None:
     if split not in get_args(Split):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}.")
+        raise ValueError(f"split must be 'train', 'val', 'test' or 'probe', got {split!r}.")
 
 
 def _mix64(x: int) -> int:
@@ -143,8 +143,8 @@ class SyntheticDigits(IterableDataset):
     The train and test splits draw from disjoint source images of `sklearn.datasets.load_digits`.
 
     Args:
-        split: "train", "val" (the training writers, rendered with other draws: for model selection) or "test"
-            (held-out writers).
+        split: "train", "val" (the training writers, rendered with other draws: for model selection), "probe"
+            (likewise, with draws of its own: for the evaluation's leakage probes) or "test" (held-out writers).
         num_samples: samples per pass.
         image_size: side S of the square images (>= 16).
         num_sites: number of acquisition sites, 2..8 (the categorical attribute).

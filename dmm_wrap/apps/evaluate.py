@@ -1,8 +1,12 @@
 """Side-by-side evaluation of raw Z, LEACE-erased Z and DeepMinMax Z~: task accuracy and attribute leakage.
 
-Features are extracted batch by batch and only the evaluation sets are held in memory. Every probe is trained on the
-train features and scored on held-out test features, so leakage means "B can be decoded from features the probe
-never saw", not "the probe can memorise B". Categorical leakage is balanced accuracy (chance 1/K whatever the class
+Features are extracted batch by batch and only the evaluation sets are held in memory. Every probe is scored on
+held-out test features, so leakage means "B can be decoded from features the probe never saw", not "the probe can
+memorise B". The task classifier and LEACE are fitted on the train features (the paper's protocol). The leakage
+probes are trained on a probe split when one is given: samples neither `fit` nor model selection saw, so that a
+debiaser that hides B only on its own training samples is caught (on the training samples themselves a probe learns
+what h_theta did to them, and reads the held-out ones worse than a probe of fresh samples would). Without one, they
+train on the train features and `Metrics.leakage_probes` says "train". Categorical leakage is balanced accuracy (chance 1/K whatever the class
 frequencies), continuous leakage R^2 (0 for the mean). The probes and the verdict rule here are shared with the
 user-facing leakage audit (`dmm_wrap.apps.leakage`).
 """
@@ -103,6 +107,9 @@ class Metrics:
     transfer: list[Transfer] = field(default_factory=list)
     """Task accuracy and AUROC on the test rows of attribute classes training saw and of those it never saw (a
     held-out site); empty when every test class was seen (`dmm_wrap.apps.transfer`)."""
+    leakage_probes: Literal["probe", "train"] = "train"
+    """What the leakage probes were trained on: "probe", a split nothing was fitted on, or "train", the samples
+    h_theta was fitted on (in-sample: it can understate the leakage)."""
 
     def to_dict(self) -> dict[str, Any]:
         """What metrics.json holds (strict JSON)."""
@@ -116,6 +123,7 @@ class Metrics:
                 for name, m in self.methods.items()
             },
             "wall_seconds": self.wall_seconds,
+            "leakage_probes": self.leakage_probes,
         }
         if self.weights_sha256 is not None:
             out[WEIGHTS_SHA_KEY] = self.weights_sha256
@@ -131,7 +139,7 @@ class Metrics:
             for name, m in d["methods"].items()
         }
         return cls(methods, float(d["wall_seconds"]), d.get(WEIGHTS_SHA_KEY),
-                   [Transfer.from_dict(t) for t in d.get("transfer", [])])
+                   [Transfer.from_dict(t) for t in d.get("transfer", [])], d.get("leakage_probes", "train"))
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write metrics.json (strict JSON: no NaN), atomically."""
@@ -284,13 +292,16 @@ def probe_leakage(train_x: np.ndarray, train_attrs: np.ndarray, test_x: np.ndarr
 
 
 def probe_method(train_x: np.ndarray, test_x: np.ndarray, train: FeatureSet, test: FeatureSet,
-                 attributes: Sequence[Attribute], cfg: EvalConfig, task_model: Any | None = None) -> MethodMetrics:
+                 attributes: Sequence[Attribute], cfg: EvalConfig, task_model: Any | None = None,
+                 probe: tuple[np.ndarray, FeatureSet] | None = None) -> MethodMetrics:
     """Task accuracy (of `task_model` when given, see `task_accuracy`) and the leakage of every attribute for one
-    feature set."""
+    feature set; the leakage probes train on `probe` (this method's features of the probe split, and that split)
+    when given, else on the train features."""
+    probe_x, probe_set = probe if probe is not None else (train_x, train)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         acc = task_accuracy(train_x, train.labels, test_x, test.labels, cfg, task_model)
-    return MethodMetrics(acc, probe_leakage(train_x, train.attrs, test_x, test.attrs, attributes, cfg))
+    return MethodMetrics(acc, probe_leakage(probe_x, probe_set.attrs, test_x, test.attrs, attributes, cfg))
 
 
 def method_views(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
@@ -308,19 +319,24 @@ def method_views(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attri
 def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
                     cfg: EvalConfig | None = None,
                     views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                    models: Mapping[str, Any] | None = None) -> dict[str, MethodMetrics]:
+                    models: Mapping[str, Any] | None = None, probe: FeatureSet | None = None,
+                    probe_views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, MethodMetrics]:
     """Probe raw Z, LEACE-erased Z (fitted on the train raw features) and DeepMinMax Z~ with the same protocol
     (`views`: those features, when `method_views` already computed them; `models`: their task classifiers, when
-    `transfer.task_classifiers` already fitted them).
+    `transfer.task_classifiers` already fitted them). With `probe` (features of a split nothing was fitted on), the
+    leakage probes train on it (`probe_views`: `method_views(train, probe, ...)`, when already computed).
 
     Example:
-        >>> methods = compare_methods(train, test, encoder.attributes)
+        >>> methods = compare_methods(train, test, encoder.attributes, probe=probe)
         >>> methods["dmm"].leakage["site"].mlp
     """
     cfg = cfg or EvalConfig()
     views = views if views is not None else method_views(train, test, attributes, cfg)
+    if probe is not None and probe_views is None:
+        probe_views = method_views(train, probe, attributes, cfg)
     models = models or {}
-    return {name: probe_method(x_train, x_test, train, test, attributes, cfg, models.get(name))
+    return {name: probe_method(x_train, x_test, train, test, attributes, cfg, models.get(name),
+                               None if probe is None or probe_views is None else (probe_views[name][1], probe))
             for name, (x_train, x_test) in views.items()}
 
 
@@ -333,24 +349,29 @@ def compare_transfer(train: FeatureSet, test: FeatureSet, attributes: Sequence[A
 
 
 def compare_all(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
-                cfg: EvalConfig) -> tuple[dict[str, MethodMetrics], list[Transfer]]:
-    """`compare_methods` and `compare_transfer` on one set of method views (LEACE fitted once) and one task
-    classifier per method (the accuracy and the seen / unseen scores are the same regression's)."""
+                cfg: EvalConfig, probe: FeatureSet | None = None) -> tuple[dict[str, MethodMetrics], list[Transfer]]:
+    """`compare_methods` and `compare_transfer` on one set of method views (LEACE fitted once, on train) and one task
+    classifier per method (the accuracy and the seen / unseen scores are the same regression's); the leakage probes
+    train on `probe` when given."""
     views = method_views(train, test, attributes, cfg)
+    probe_views = None if probe is None else method_views(train, probe, attributes, cfg)
     models = task_classifiers(views, train.labels, cfg)
-    return (compare_methods(train, test, attributes, cfg, views, models),
+    return (compare_methods(train, test, attributes, cfg, views, models, probe, probe_views),
             compare_transfer(train, test, attributes, cfg, views, models))
 
 
 def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterable,
-             cfg: EvalConfig | None = None) -> Metrics:
+             cfg: EvalConfig | None = None, probe_loader: Iterable | None = None) -> Metrics:
     """Extract features from both loaders and compare raw, LEACE and DeepMinMax features.
 
     Args:
         model: a fitted DebiasedEncoder.
-        train_loader: batches (inputs, attrs, labels) the probes, the task classifier and LEACE are fitted on.
+        train_loader: batches (inputs, attrs, labels) the task classifier and LEACE are fitted on (and the leakage
+            probes, without `probe_loader`).
         test_loader: held-out batches they are scored on.
         cfg: probe settings; `cfg.max_samples` caps each split.
+        probe_loader: held-out batches, of samples the model was not fitted on, that the leakage probes are trained
+            on (recommended: on the samples h_theta was fitted on, a probe can understate the leakage).
 
     Returns:
         Metrics whose wall_seconds is the time this evaluation took.
@@ -363,8 +384,10 @@ def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterab
     start = time.perf_counter()
     train = extract_features(model, train_loader, cfg.max_samples)
     test = extract_features(model, test_loader, cfg.max_samples)
-    methods, transfer = compare_all(train, test, model.attributes, cfg)
-    return Metrics(methods, time.perf_counter() - start, transfer=transfer)
+    probe = None if probe_loader is None else extract_features(model, probe_loader, cfg.max_samples)
+    methods, transfer = compare_all(train, test, model.attributes, cfg, probe)
+    return Metrics(methods, time.perf_counter() - start, transfer=transfer,
+                   leakage_probes="train" if probe is None else "probe")
 
 
 __all__ = ["EvalConfig", "FeatureSet", "Collected", "Leakage", "MethodMetrics", "Metrics", "METHODS", "collect_batches",

@@ -97,8 +97,11 @@ def render_report(metrics: Metrics, targets: Sequence[TargetRow], figures: Seque
         f"# {title}",
         "",
         "Task accuracy: logistic regression on standardised features, trained on the train split, scored on the test "
-        "split. Leakage: probes trained on train features and scored on held-out test features (balanced accuracy "
-        "for categorical attributes, chance = 1/K for K classes; R² for continuous ones, 0 = no information).",
+        "split. Leakage: probes trained on "
+        + ("the probe split's features (samples nothing was fitted on)" if metrics.leakage_probes == "probe" else
+           "train features (in-sample: the samples h_theta was fitted on, which can understate the leakage)")
+        + " and scored on held-out test features (balanced accuracy for categorical attributes, chance = 1/K for K "
+        "classes; R² for continuous ones, 0 = no information).",
         "",
         format_table(metrics),
         "",

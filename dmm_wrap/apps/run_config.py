@@ -57,6 +57,12 @@ class DataConfig:
     every fit.select_every steps); 0 = no selection, the last step is kept. A smoke run (fit.max_steps below 100)
     generates at most eval.smoke_samples."""
 
+    num_probe: int = 0
+    """synthetic_digits: images generated (the training writers, draws of their own) that the evaluation's leakage
+    probes are trained on; no part of the run ever fits on them, so a probe cannot be helped by what h_theta learnt
+    of its own training samples. 0 = the probes train on the training images (in-sample; report.md says so).
+    A smoke run generates at most eval.smoke_samples."""
+
     train_sites: list[int] | None = None
     """synthetic_digits: the site ids the training and validation images come from, e.g. [0, 1, 2] with num_sites 4;
     the test images come from every site, so the evaluation also scores the task on a site that neither fit nor the
@@ -83,6 +89,9 @@ class DataConfig:
 
     val_csv: str | None = None
     """image_csv: optional CSV of held-out images of the training sites, for model selection (as num_val)."""
+
+    probe_csv: str | None = None
+    """image_csv: optional CSV of held-out images the leakage probes are trained on (as num_probe)."""
 
     dataset: str | None = None
     """hf_dataset: a folder written by `DatasetDict.save_to_disk` (relative to the working dir), or a dataset name
@@ -114,6 +123,10 @@ class DataConfig:
     """camelyon17 / hf_dataset: optional split(s) for model selection (as num_val), e.g. "id_val" when test_split is
     "test"."""
 
+    probe_split: str | None = None
+    """camelyon17 / hf_dataset: optional split(s) the leakage probes are trained on (as num_probe); it must share
+    no rows with the training, validation or test splits."""
+
     mean: tuple[float, ...] = IMAGENET_MEAN
     """image_csv / camelyon17: per-channel mean subtracted after scaling pixels to [0, 1]."""
 
@@ -141,6 +154,9 @@ class DataConfig:
                                   f"(num_sites {self.num_sites}), got {self.train_sites!r}.")
         if self.num_val < 0:
             raise ConfigError(f"DataConfig.num_val: must be >= 0 (0 = no model selection), got {self.num_val!r}.")
+        if self.num_probe < 0:
+            raise ConfigError(f"DataConfig.num_probe: must be >= 0 (0 = the probes train on the training images), "
+                              f"got {self.num_probe!r}.")
         if self.num_workers < 0:
             raise ConfigError(f"DataConfig.num_workers: must be >= 0, got {self.num_workers!r}.")
         if self.image_size is not None and self.image_size < 8:
