@@ -279,7 +279,7 @@ def test_validation_split_selects_the_saved_model(tmp_path: Path) -> None:
     assert "h_theta is the moving average of its weights (ema_decay=0.995)" in report  # the shipped config's
     # The shipped config's validation split; a smoke run generates at most eval.smoke_samples of it.
     from dmm_wrap.apps.build import build_data
-    assert build_data(load_run_config(DEFAULT, [])).val.dataset.num_samples == 2048
+    assert build_data(load_run_config(DEFAULT, [])).val.dataset.num_samples == 8192
     assert build_data(load_run_config(DEFAULT, [("fit.max_steps", 5)])).val.dataset.num_samples == 512
     # ... and its probe split (draws of their own), likewise capped in a smoke run; 0 builds none.
     assert build_data(load_run_config(DEFAULT, [])).probe.dataset.num_samples == 8192
