@@ -143,7 +143,8 @@ def erased(method: str, ztr: np.ndarray, train: SplitData, others: list[tuple[np
 
     xtr = torch.from_numpy(ztr).double()
     if method == "leace":
-        eraser = LeaceEraser.fit(xtr, torch.from_numpy(encode_for_erasure(train.attrs.numpy(), problem, False)).double())
+        concepts = torch.from_numpy(encode_for_erasure(train.attrs.numpy(), problem, False)).double()
+        eraser = LeaceEraser.fit(xtr, concepts)
         return [eraser(xtr).numpy()] + [eraser(torch.from_numpy(z).double()).numpy() for z, _ in others]
 
     def ids(split: SplitData) -> torch.Tensor:
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json or args.merge_into:
         path = Path(args.merge_into or args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"split": args.split, "probe_split": args.probe_split, "seeds": seeds, "overrides": overrides, "epochs_scale": args.epochs_scale,
+        payload = {"split": args.split, "probe_split": args.probe_split, "seeds": seeds, "overrides": overrides,
+                   "epochs_scale": args.epochs_scale,
                    "summary": summary, "targets": {n: targets(n, summary[n], problems[n]) for n in summary}}
         if args.merge_into:
             payload = merge_into(path, payload, problems)

@@ -79,7 +79,8 @@ def test_suite_probes_train_on_a_split_no_method_saw(monkeypatch: pytest.MonkeyP
     class Memoriser(nn.Module):
         def __init__(self, problem: object, train: object) -> None:
             super().__init__()
-            self.raw = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)  # type: ignore[attr-defined]
+            self.raw = DebiasedEncoder(problem.backbone, problem.layer,  # type: ignore[attr-defined]
+                                       problem.attributes)  # type: ignore[attr-defined]
             self.seen = {row.numpy().tobytes() for row in train.inputs}  # type: ignore[attr-defined]
 
         def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ memorise B". The task classifier and LEACE are fitted on the train features (the
 probes are trained on a probe split when one is given: samples neither `fit` nor model selection saw, so that a
 debiaser that hides B only on its own training samples is caught (on the training samples themselves a probe learns
 what h_theta did to them, and reads the held-out ones worse than a probe of fresh samples would). Without one, they
-train on the train features and `Metrics.leakage_probes` says "train". Categorical leakage is balanced accuracy (chance 1/K whatever the class
-frequencies), continuous leakage R^2 (0 for the mean). The probes and the verdict rule here are shared with the
-user-facing leakage audit (`dmm_wrap.apps.leakage`).
+train on the train features and `Metrics.leakage_probes` says "train". Categorical leakage is balanced accuracy
+(chance 1/K whatever the class frequencies), continuous leakage R^2 (0 for the mean). The probes and the verdict
+rule here are shared with the user-facing leakage audit (`dmm_wrap.apps.leakage`).
 """
 
 from __future__ import annotations
@@ -304,16 +304,22 @@ def probe_method(train_x: np.ndarray, test_x: np.ndarray, train: FeatureSet, tes
     return MethodMetrics(acc, probe_leakage(probe_x, probe_set.attrs, test_x, test.attrs, attributes, cfg))
 
 
-def method_views(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
-                 cfg: EvalConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(train, test) features of each evaluated method: raw Z, LEACE-erased Z (the eraser fitted on the train raw
-    features; with `cfg.leace`) and DeepMinMax Z~."""
-    views = {"raw": (train.raw, test.raw)}
+def method_features(train: FeatureSet, splits: Sequence[FeatureSet], attributes: Sequence[Attribute],
+                    cfg: EvalConfig) -> dict[str, list[np.ndarray]]:
+    """The features of each evaluated method on each of `splits`: raw Z, LEACE-erased Z (one eraser, fitted on the
+    train raw features; with `cfg.leace`) and DeepMinMax Z~."""
+    views = {"raw": [s.raw for s in splits]}
     if cfg.leace:
         eraser = fit_leace(train.raw, train.attrs, attributes)
-        views["leace"] = (apply_eraser(eraser, train.raw), apply_eraser(eraser, test.raw))
-    views["dmm"] = (train.debiased, test.debiased)
+        views["leace"] = [apply_eraser(eraser, s.raw) for s in splits]
+    views["dmm"] = [s.debiased for s in splits]
     return views
+
+
+def method_views(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
+                 cfg: EvalConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(train, test) features of each evaluated method (`method_features` of the two splits)."""
+    return {name: (a, b) for name, (a, b) in method_features(train, [train, test], attributes, cfg).items()}
 
 
 def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attribute],
@@ -353,8 +359,9 @@ def compare_all(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attrib
     """`compare_methods` and `compare_transfer` on one set of method views (LEACE fitted once, on train) and one task
     classifier per method (the accuracy and the seen / unseen scores are the same regression's); the leakage probes
     train on `probe` when given."""
-    views = method_views(train, test, attributes, cfg)
-    probe_views = None if probe is None else method_views(train, probe, attributes, cfg)
+    feats = method_features(train, [train, test] + ([] if probe is None else [probe]), attributes, cfg)
+    views = {name: (f[0], f[1]) for name, f in feats.items()}
+    probe_views = None if probe is None else {name: (f[0], f[2]) for name, f in feats.items()}
     models = task_classifiers(views, train.labels, cfg)
     return (compare_methods(train, test, attributes, cfg, views, models, probe, probe_views),
             compare_transfer(train, test, attributes, cfg, views, models))
@@ -392,4 +399,5 @@ def evaluate(model: DebiasedEncoder, train_loader: Iterable, test_loader: Iterab
 
 __all__ = ["EvalConfig", "FeatureSet", "Collected", "Leakage", "MethodMetrics", "Metrics", "METHODS", "collect_batches",
            "extract_features", "encode_attributes", "fit_leace", "apply_eraser", "task_accuracy", "attribute_leakage",
-           "probe_leakage", "method_views", "compare_methods", "compare_transfer", "compare_all", "evaluate"]
+           "probe_leakage", "method_features", "method_views", "compare_methods", "compare_transfer", "compare_all",
+           "evaluate"]
