@@ -3,7 +3,8 @@
 The `aligned` variant of `leakage.py` distils the target T(z, b) of `dmm_wrap.core.alignment` into h_theta. When it
 fails, this says whether the target itself failed (its matching of pieces across groups, or its per-piece maps) or
 the distillation did: the target is fitted on the problem's standardised training features and scored with the
-suite's own probes, trained on T(Z, B) of the train split and scored on T(Z, B) of the evaluation split.
+suite's own probes: the task's trained on T(Z, B) of the train split, the leakage and retention probes on T(Z, B) of
+the problem's probe split (which nothing is fitted on), all scored on T(Z, B) of the evaluation split.
 
 For every problem with a categorical attribute (its first one), seed and piece count:
 
@@ -19,7 +20,7 @@ For every problem with a categorical attribute (its first one), seed and piece c
                vector problems also give it on their inputs, before the frozen encoder (row "inputs").
 
 Each piece count has a second row, "B predicted": the same target with the attribute predicted from Z by a logistic
-regression fitted on the train split, T(z, b^(z)), a map that needs no B at inference (train and eval split alike):
+regression fitted on the train split, T(z, b^(z)), a map that needs no B at inference (every split alike):
 `fit_predicted_alignment`, the alignment head's map.
 
 Example:
@@ -103,16 +104,18 @@ def run(name: str, seed: int, clusters: list[int | None], split: str) -> list[di
     if column is None:
         return []
     train, ev = problem.sample("train"), problem.sample(split)  # type: ignore[arg-type]
+    held = problem.sample("probe")  # the leakage and retention probes train here: nothing is fitted on it
     enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
-    ztr, zev = features(enc, train.inputs, False), features(enc, ev.inputs, False)
+    ztr, zev, zpr = (features(enc, x.inputs, False) for x in (train, ev, held))
     mean, std = ztr.mean(0), ztr.std(0) + 1e-6
-    ztr, zev = (ztr - mean) / std, (zev - mean) / std
+    ztr, zev, zpr = (ztr - mean) / std, (zev - mean) / std, (zpr - mean) / std
     groups, labels = train.attrs[:, column].numpy().astype(int), train.labels.numpy()
+    held_groups = held.attrs[:, column].numpy().astype(int)
     attr = problem.attributes[column]
     rows = []
-    raw_leak = leakage(ztr, groups, zev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"]
+    raw_leak = leakage(zpr, held_groups, zev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"]
     raw_task = task_accuracy(ztr, labels, zev, ev.labels.numpy())
-    raw_retention = retention_r2(ztr, train, zev, ev, problem, seed)
+    raw_retention = retention_r2(zpr, held, zev, ev, problem, seed)
     rows.append({"problem": name, "seed": seed, "clusters": "raw", "task": raw_task, "leak_mlp": raw_leak,
                  "retention": 1.0, "gw_rank": gw_rank(ztr, groups, labels)})
     if train.inputs.dim() == 2:  # vector problems: the same before the frozen encoder
@@ -124,20 +127,21 @@ def run(name: str, seed: int, clusters: list[int | None], split: str) -> list[di
         align = head.alignment
         ttr = align(torch.from_numpy(ztr).float(), train.attrs[:, column:column + 1]).double().numpy()
         tev = align(torch.from_numpy(zev).float(), ev.attrs[:, column:column + 1]).double().numpy()
+        tpr = align(torch.from_numpy(zpr).float(), held.attrs[:, column:column + 1]).double().numpy()
         purity, matched = matching(align.stages[0], ztr, groups, labels)
         pieces = int(align.stages[0].centroids.shape[1])
         rows.append({"problem": name, "seed": seed, "clusters": pieces,
                      "task": task_accuracy(ttr, labels, tev, ev.labels.numpy()),
-                     "leak_mlp": leakage(ttr, groups, tev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"],
-                     "retention": retention_r2(ttr, train, tev, ev, problem, seed) / raw_retention,
+                     "leak_mlp": leakage(tpr, held_groups, tev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"],
+                     "retention": retention_r2(tpr, held, tev, ev, problem, seed) / raw_retention,
                      "purity": purity, "matched": matched})
         # The same target with the attribute predicted from Z (the alignment head's map): no B at inference.
         with torch.no_grad():
-            ptr, pev = (head(torch.from_numpy(x).float()).double().numpy() for x in (ztr, zev))
+            ptr, pev, ppr = (head(torch.from_numpy(x).float()).double().numpy() for x in (ztr, zev, zpr))
         rows.append({"problem": name, "seed": seed, "clusters": f"{pieces}, B predicted",
                      "task": task_accuracy(ptr, labels, pev, ev.labels.numpy()),
-                     "leak_mlp": leakage(ptr, groups, pev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"],
-                     "retention": retention_r2(ptr, train, pev, ev, problem, seed) / raw_retention})
+                     "leak_mlp": leakage(ppr, held_groups, pev, ev.attrs[:, column].numpy(), True, seed)["leak_mlp"],
+                     "retention": retention_r2(ppr, held, pev, ev, problem, seed) / raw_retention})
     return rows
 
 
