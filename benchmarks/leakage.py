@@ -157,6 +157,12 @@ def erased(method: str, ztr: np.ndarray, train: SplitData, others: list[tuple[np
 
 def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, overrides: dict[str, Any],
                 epochs_scale: float) -> tuple[DebiasedEncoder, dict[str, float]]:
+    if method == "head":  # no training loop: one bounded pass of fit_alignment_head
+        enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
+        start = time.perf_counter()
+        enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size),
+                               clusters=overrides.get("align_clusters"), seed=seed)
+        return enc, {"fit_seconds": time.perf_counter() - start}
     torch.manual_seed(seed)
     aligned = method in ("aligned", "selected")
     epochs = max(1, round(problem.epochs * epochs_scale * (ALIGNED_EPOCHS if aligned else 1)))
@@ -214,15 +220,7 @@ def run_problem(name: str, seed: int, methods: list[str], split: str, overrides:
         elif method in ("leace", "quadratic"):
             a, c, d = erased(method, ztr, train, [(zev, ev), (zpr, held)], problem)
         else:
-            if method == "head":
-                enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
-                start = time.perf_counter()
-                enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs),
-                                                  batch_size=problem.batch_size),
-                                       clusters=overrides.get("align_clusters"), seed=seed)
-                extra = {"fit_seconds": time.perf_counter() - start}
-            else:
-                enc, extra = fit_variant(method, problem, train, seed, overrides, epochs_scale)
+            enc, extra = fit_variant(method, problem, train, seed, overrides, epochs_scale)
             a, c, d = (features(enc, x.inputs, True) for x in (train, ev, held))
         row: dict[str, Any] = {"task": task_accuracy(a, train.labels.numpy(), c, ev.labels.numpy()), **extra}
         for k, attr in enumerate(problem.attributes):

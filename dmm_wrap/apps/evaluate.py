@@ -326,23 +326,25 @@ def compare_methods(train: FeatureSet, test: FeatureSet, attributes: Sequence[At
                     cfg: EvalConfig | None = None,
                     views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                     models: Mapping[str, Any] | None = None, probe: FeatureSet | None = None,
-                    probe_views: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, MethodMetrics]:
+                    probe_features: Mapping[str, np.ndarray] | None = None) -> dict[str, MethodMetrics]:
     """Probe raw Z, LEACE-erased Z (fitted on the train raw features) and DeepMinMax Z~ with the same protocol
     (`views`: those features, when `method_views` already computed them; `models`: their task classifiers, when
     `transfer.task_classifiers` already fitted them). With `probe` (features of a split nothing was fitted on), the
-    leakage probes train on it (`probe_views`: `method_views(train, probe, ...)`, when already computed).
+    leakage probes train on it (`probe_features`: each method's features of it, when already computed).
 
     Example:
         >>> methods = compare_methods(train, test, encoder.attributes, probe=probe)
         >>> methods["dmm"].leakage["site"].mlp
     """
     cfg = cfg or EvalConfig()
-    views = views if views is not None else method_views(train, test, attributes, cfg)
-    if probe is not None and probe_views is None:
-        probe_views = method_views(train, probe, attributes, cfg)
+    if views is None or (probe is not None and probe_features is None):
+        feats = method_features(train, [train, test] + ([] if probe is None else [probe]), attributes, cfg)
+        views = views if views is not None else {name: (f[0], f[1]) for name, f in feats.items()}
+        if probe is not None and probe_features is None:
+            probe_features = {name: f[2] for name, f in feats.items()}
     models = models or {}
     return {name: probe_method(x_train, x_test, train, test, attributes, cfg, models.get(name),
-                               None if probe is None or probe_views is None else (probe_views[name][1], probe))
+                               None if probe is None or probe_features is None else (probe_features[name], probe))
             for name, (x_train, x_test) in views.items()}
 
 
@@ -361,9 +363,9 @@ def compare_all(train: FeatureSet, test: FeatureSet, attributes: Sequence[Attrib
     train on `probe` when given."""
     feats = method_features(train, [train, test] + ([] if probe is None else [probe]), attributes, cfg)
     views = {name: (f[0], f[1]) for name, f in feats.items()}
-    probe_views = None if probe is None else {name: (f[0], f[2]) for name, f in feats.items()}
+    probe_features = None if probe is None else {name: f[2] for name, f in feats.items()}
     models = task_classifiers(views, train.labels, cfg)
-    return (compare_methods(train, test, attributes, cfg, views, models, probe, probe_views),
+    return (compare_methods(train, test, attributes, cfg, views, models, probe, probe_features),
             compare_transfer(train, test, attributes, cfg, views, models))
 
 
