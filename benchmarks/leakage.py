@@ -156,16 +156,18 @@ def erased(method: str, ztr: np.ndarray, train: SplitData, others: list[tuple[np
 
 
 def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, overrides: dict[str, Any],
-                epochs_scale: float) -> tuple[DebiasedEncoder, dict[str, float]]:
+                epochs_scale: float, train_scale: int = 1) -> tuple[DebiasedEncoder, dict[str, float]]:
+    """One fitted method. A train split `train_scale` times the usual size keeps the training variants' step count
+    (epochs / train_scale): more distinct samples, not more steps."""
     if method == "head":  # no training loop: one bounded pass of fit_alignment_head
         enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
         start = time.perf_counter()
         enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size),
-                               clusters=overrides.get("align_clusters"), seed=seed)
+                               clusters=overrides.get("align_clusters"), samples=len(train.inputs), seed=seed)
         return enc, {"fit_seconds": time.perf_counter() - start}
     torch.manual_seed(seed)
     aligned = method in ("aligned", "selected")
-    epochs = max(1, round(problem.epochs * epochs_scale * (ALIGNED_EPOCHS if aligned else 1)))
+    epochs = max(1, round(problem.epochs * epochs_scale * (ALIGNED_EPOCHS if aligned else 1) / train_scale))
     if method == "paper":
         head, cfg = HeadConfig(), FitConfig.paper(epochs=epochs)
     else:
@@ -201,11 +203,11 @@ def features(enc: DebiasedEncoder, x: torch.Tensor, debiased: bool, batch_size: 
 
 
 def run_problem(name: str, seed: int, methods: list[str], split: str, overrides: dict[str, Any],
-                epochs_scale: float, probe_split: str = "probe") -> dict[str, dict[str, Any]]:
+                epochs_scale: float, probe_split: str = "probe", train_scale: int = 1) -> dict[str, dict[str, Any]]:
     """Every method on one problem and seed. The task's logistic regression trains on the train split (the paper's
     protocol: a user trains on the debiased training features); the leakage and retention probes train on
     `probe_split`, which no method was fitted on ("train" gives the in-sample protocol, for comparison)."""
-    problem = PROBLEMS[name](seed)
+    problem = PROBLEMS[name](seed) if train_scale == 1 else PROBLEMS[name](seed, train_scale)
     train, ev = problem.sample("train"), problem.sample(split)  # type: ignore[arg-type]
     held = train if probe_split == "train" else problem.sample(probe_split)  # type: ignore[arg-type]
     raw_enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
@@ -220,7 +222,7 @@ def run_problem(name: str, seed: int, methods: list[str], split: str, overrides:
         elif method in ("leace", "quadratic"):
             a, c, d = erased(method, ztr, train, [(zev, ev), (zpr, held)], problem)
         else:
-            enc, extra = fit_variant(method, problem, train, seed, overrides, epochs_scale)
+            enc, extra = fit_variant(method, problem, train, seed, overrides, epochs_scale, train_scale)
             a, c, d = (features(enc, x.inputs, True) for x in (train, ev, held))
         row: dict[str, Any] = {"task": task_accuracy(a, train.labels.numpy(), c, ev.labels.numpy()), **extra}
         for k, attr in enumerate(problem.attributes):
@@ -297,10 +299,12 @@ def table(summary: dict[str, dict[str, dict[str, Any]]], problems: dict[str, Pro
 def merge_into(path: Path, payload: dict[str, Any], problems: dict[str, Problem]) -> dict[str, Any]:
     """`payload`'s rows added to the results file `path` (same split and seeds); rows both hold must agree."""
     old = json.loads(path.read_text())
-    mine = (payload["split"], payload["seeds"], payload["probe_split"])
-    theirs = (old["split"], old["seeds"], old.get("probe_split", "train"))  # files before the probe split: train
+    mine = (payload["split"], payload["seeds"], payload["probe_split"], payload["train_scale"])
+    # files before the probe split: train; before the train scale: 1
+    theirs = (old["split"], old["seeds"], old.get("probe_split", "train"), old.get("train_scale", 1))
     if theirs != mine:
-        raise SystemExit(f"--merge-into {path}: it holds (split, seeds, probe split) {theirs}, this run {mine}.")
+        raise SystemExit(f"--merge-into {path}: it holds (split, seeds, probe split, train scale) {theirs}, this "
+                         f"run {mine}.")
     for name, methods in payload["summary"].items():
         into = old["summary"].setdefault(name, {})
         for method, stats in methods.items():
@@ -342,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the split the leakage and retention probes train on: 'probe', which no method was "
                              "fitted on (default), or 'train', the in-sample protocol of earlier results")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every problem's epoch budget")
+    parser.add_argument("--train-scale", type=int, default=1,
+                        help="the train split (what every method is fitted on) this many times its usual size, the "
+                             "probe split unchanged; training variants keep their step count (default 1: train as "
+                             "large as the probe split)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and BLAS threads (1 by default: on a shared 2-core machine, 2 BLAS threads made "
                              "the probes 9x slower)")
@@ -368,18 +376,19 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {}
         for seed in seeds:
             results[name][seed] = run_problem(name, seed, methods, args.split, overrides, args.epochs_scale,
-                                                args.probe_split)
+                                                args.probe_split, args.train_scale)
         problems[name] = PROBLEMS[name](seeds[0])
     summary = summarise(results)
     print(f"\n# Leakage suite ({args.split} split, probes trained on {args.probe_split}, {len(seeds)} seeds, "
           f"mean ± sd; "
-          f"{time.perf_counter() - start:.0f} s; dmm overrides {overrides or 'none'}; epochs x{args.epochs_scale})")
+          f"{time.perf_counter() - start:.0f} s; dmm overrides {overrides or 'none'}; epochs x{args.epochs_scale}; "
+          f"train split x{args.train_scale})")
     print(table(summary, problems))
     if args.json or args.merge_into:
         path = Path(args.merge_into or args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"split": args.split, "probe_split": args.probe_split, "seeds": seeds, "overrides": overrides,
-                   "epochs_scale": args.epochs_scale,
+                   "epochs_scale": args.epochs_scale, "train_scale": args.train_scale,
                    "summary": summary, "targets": {n: targets(n, summary[n], problems[n]) for n in summary}}
         if args.merge_into:
             payload = merge_into(path, payload, problems)

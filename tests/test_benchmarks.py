@@ -97,3 +97,55 @@ def test_suite_probes_train_on_a_split_no_method_saw(monkeypatch: pytest.MonkeyP
     assert held_out["raw"]["leak_mlp.group"] > 0.9 and in_sample["raw"]["leak_mlp.group"] > 0.9
     assert in_sample["dmm"]["leak_mlp.group"] < 0.3  # chance 0.25: the memoriser looks perfect in sample
     assert held_out["dmm"]["leak_mlp.group"] > 0.9  # and is caught held out
+
+
+def test_train_scale_grows_only_the_train_split_and_keeps_the_step_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--train-scale K: the train split K times its usual size, every other split (the probe's included) unchanged,
+    and the training variants' epochs divided by K, so they take the same steps over more distinct samples."""
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    import leakage as suite
+    from problems import PROBLEMS, VECTOR_SIZES
+
+    one, four = PROBLEMS["additive"](0), PROBLEMS["additive"](0, 4)
+    for split in ("train", "probe", "test"):
+        a, b = one.sample(split), four.sample(split)  # type: ignore[arg-type]
+        assert len(b.inputs) == (4 if split == "train" else 1) * VECTOR_SIZES[split]  # type: ignore[index]
+        if split != "train":
+            assert torch.equal(a.inputs, b.inputs)  # the same draws: only the train split grows
+    seen: dict[str, int] = {}
+
+    def spy(loader: object, config: object, **_: object) -> object:
+        seen["epochs"] = config.epochs  # type: ignore[attr-defined]
+        raise StopIteration
+
+    monkeypatch.setattr(suite.DebiasedEncoder, "fit", lambda self, loader, config=None, **kw: spy(loader, config))
+    for scale in (1, 4):
+        problem = PROBLEMS["additive"](0, scale)
+        with pytest.raises(StopIteration):
+            suite.fit_variant("dmm", problem, problem.sample("train"), 0, {}, 1.0, scale)
+        seen[f"x{scale}"] = seen["epochs"]
+    assert seen["x1"] == one.epochs and seen["x4"] == one.epochs // 4
+
+
+def test_style_problem_group_is_readable_and_the_overlap_problem_is_not() -> None:
+    """The suite's premise (a B-free perfect debiaser exists because B is a function of the features) holds for the
+    style problem at STYLE_STRENGTH: a linear probe already reads the group from raw Z at >= 0.95 (the MLP reads
+    0.98-0.99). The strength-1 problem, kept as style_overlap, reads far less: its groups share samples."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    sys.path.insert(0, str(BENCH.parent))
+    from problems import PROBLEMS
+
+    def readability(name: str) -> float:
+        problem = PROBLEMS[name](0)
+        train, test = problem.sample("probe"), problem.sample("test")
+        with torch.no_grad():
+            a, c = problem.backbone(train.inputs).numpy(), problem.backbone(test.inputs).numpy()
+        clf = LogisticRegression(max_iter=3000).fit(a, train.attrs[:, 0].long().numpy())
+        return clf.score(c, test.attrs[:, 0].long().numpy())
+
+    assert readability("style") >= 0.95
+    assert readability("style_overlap") < 0.9

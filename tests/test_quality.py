@@ -46,6 +46,7 @@ def _fit(problem, train, head: HeadConfig, cfg: FitConfig) -> DebiasedEncoder:
 def style_problem():
     """The problem, its train split (what fit sees), its test split and its probe split (what the leakage probes
     train on: on fit's own samples a probe could learn what h_theta did to them)."""
+    # strength 1: the suite's style_overlap problem (its groups 0.83-0.87 readable from raw Z)
     problem = vector_problem("style", 0, {"train": 3000, "val": 0, "test": 1500, "probe": 3000})
     return problem, problem.sample("train"), problem.sample("test"), problem.sample("probe")
 
@@ -136,3 +137,35 @@ def test_matching_term_lowers_the_linear_leak_and_keeps_the_task(style_problem) 
     assert raw_leak > 0.75
     assert linear(d, b_pr, c, b_te) < raw_leak - 0.25
     assert linear(a, train.labels.numpy(), c, test.labels.numpy()) > 0.98
+
+
+@pytest.mark.slow
+def test_aligned_preset_removes_a_continuous_entangled_attribute_fitted_on_four_times_the_probes_samples() -> None:
+    """The continuous problem (an angle rotates the content), the suite's 4x setting: the aligned preset fitted on
+    16,000 samples (the suite's 3,200 steps), a fresh MLP probe trained on 4,000 others. The suite measures R^2
+    0.085 +- 0.020 over seeds 0-2 (target 0.10; this seed 0.097); the bound here leaves room for float rounding and
+    still fails the matched setting (the same preset fitted on 4,000 samples: 0.187 +- 0.029). Negative control: the
+    raw features give the angle away."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import r2_score
+    from sklearn.neural_network import MLPRegressor
+
+    problem = vector_problem("continuous", 0, {"train": 16000, "val": 0, "test": 2000, "probe": 4000})
+    train, test, probe = problem.sample("train"), problem.sample("test"), problem.sample("probe")
+    enc = _fit(problem, train, HeadConfig.aligned(), FitConfig.aligned(epochs=50, progress=False))
+    raw = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
+
+    def r2(x_pr: np.ndarray, x_te: np.ndarray) -> float:
+        model = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(128, 128), max_iter=300,
+                                                             early_stopping=True, random_state=0))
+        return r2_score(test.attrs[:, 0].numpy(), model.fit(x_pr, probe.attrs[:, 0].numpy()).predict(x_te))
+
+    def task(x_tr: np.ndarray, x_te: np.ndarray) -> float:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_tr, train.labels.numpy())
+        return clf.score(x_te, test.labels.numpy())
+
+    a, c, d = (_features(enc, split.inputs, True) for split in (train, test, probe))
+    ra, rc, rd = (_features(raw, split.inputs, False) for split in (train, test, probe))
+    assert r2(rd, rc) > 0.9  # negative control
+    assert r2(d, c) <= 0.15
+    assert task(a, c) >= task(ra, rc) - 0.02
