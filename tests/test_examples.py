@@ -55,9 +55,10 @@ def test_quickstart_example_runs(tmp_path, monkeypatch, capsys) -> None:
     majority = float(out.split("majority rate")[1].split()[0])
     assert rows["raw"][1] > 0.9  # negative control: the raw features give the site away
     task, site = rows["alignment head"]
-    # The alignment head lowers the site reading of a probe trained on images it was not fitted on (measured
-    # 0.605, majority rate 0.350) and keeps the task; it does not remove the site (README, quick start).
-    assert site < rows["raw"][1] - 0.2 and task >= rows["raw"][0] - 0.02, out
+    # The alignment head, fitted on 16,384 images, removes the site for a probe trained on 1,024 images it was not
+    # fitted on (measured 0.365, majority rate 0.350, target majority + 0.05) and keeps the task (README, quick
+    # start); DeepMinMax does not (1.000).
+    assert site <= majority + 0.05 and task >= rows["raw"][0] - 0.02, out
 
 
 def test_readme_publishing_snippet_runs(tmp_path, monkeypatch) -> None:
