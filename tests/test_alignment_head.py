@@ -141,3 +141,55 @@ def test_onnx_export_matches(fitted, tmp_path: Path) -> None:
     out = session.run(None, {session.get_inputs()[0].name: data["xte"][:200].numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(out, encoder(data["xte"][:200]).numpy(), atol=1e-4)
+
+
+def test_streamed_moments_reproduce_the_fit_and_do_not_depend_on_batching() -> None:
+    """refit_maps from the moments of the very rows a stage was fitted on gives back its means and maps (closed form:
+    the same mean and shrunk covariance, summed batch by batch about each piece's centroid), whether the rows are
+    added at once or in batches of 37; for full, diagonal and shift maps."""
+    from dmm_wrap.core.alignment import PieceMoments, fit_alignment, refit_maps
+
+    x, _, s = tinted_sites(2000, 3)
+    z = frozen_encoder()(x).detach()
+    z = (z - z.mean(0)) / z.std(0)
+    for maps in ("full", "diagonal", "shift"):
+        stage = fit_alignment(z, s.float()[:, None], (SITE,), 4, 8, maps, 0).stages[0]
+        fitted = {k: v.clone() for k, v in stage.state_dict().items()}
+        at_once, batched = PieceMoments(stage), PieceMoments(stage)
+        at_once.add(stage, z, s)
+        for i in range(0, len(z), 37):
+            batched.add(stage, z[i:i + 37], s[i:i + 37])
+        assert torch.allclose(at_once.squares, batched.squares, atol=1e-9)
+        refit_maps(stage, batched)
+        for key, value in stage.state_dict().items():
+            assert torch.allclose(value, fitted[key], atol=1e-4), (maps, key)
+
+
+def test_refit_needs_a_stage_fitted_in_this_process() -> None:
+    from dmm_wrap.core.alignment import AlignmentStage, PieceMoments, refit_maps
+
+    stage = AlignmentStage(3, 2, 4, "full")
+    with pytest.raises(ValueError, match="fitted in this process"):
+        refit_maps(stage, PieceMoments(stage))
+
+
+def test_streaming_the_rest_of_the_loader_reestimates_the_maps_from_every_row() -> None:
+    """With stream=True the maps come from every row of the loader, the pieces from the first `samples`: the maps
+    equal a refit of the sample's stage on all the rows' moments, and differ from stream=False's."""
+    from dmm_wrap.core.alignment import PieceMoments, refit_maps
+
+    x, _, s = tinted_sites(4000, 4)
+    loader = DataLoader(TensorDataset(x, s.float()[:, None]), batch_size=256)
+    streamed, sampled = DebiasedEncoder(frozen_encoder(), None, [SITE]), DebiasedEncoder(frozen_encoder(), None, [SITE])
+    streamed.fit_alignment_head(loader, clusters=4, samples=1024)
+    sampled.fit_alignment_head(loader, clusters=4, samples=1024, stream=False)
+    a, b = streamed.heads.h.alignment.stages[0], sampled.heads.h.alignment.stages[0]
+    assert torch.equal(a.centroids, b.centroids) and not torch.allclose(a.linear, b.linear)
+    with torch.no_grad():
+        z = (sampled.features(x) - sampled.heads.feature_mean) / sampled.heads.feature_std
+    moments = PieceMoments(b)
+    moments.add(b, z, s)
+    refit_maps(b, moments)
+    assert torch.allclose(a.linear, b.linear, atol=1e-5) and torch.allclose(a.target_mean, b.target_mean, atol=1e-5)
+    with pytest.raises(ValueError, match="stream must be True or False"):
+        sampled.fit_alignment_head(loader, stream="yes")  # type: ignore[arg-type]

@@ -14,7 +14,8 @@ from typing import Any, get_args
 import torch
 
 from ..config import AlignMaps
-from ..core.alignment import PredictedAlignment, fit_predicted_alignment, require_categorical
+from ..core.alignment import (PieceMoments, PredictedAlignment, fit_predicted_alignment, refit_maps,
+                              require_categorical)
 from ..data.batches import iterate_batches
 
 
@@ -30,12 +31,15 @@ class AlignmentHeadMixin:
     _require_heads: Any
 
     def fit_alignment_head(self, loader: Iterable, *, clusters: int | list[int] | None = None, samples: int = 8192,
-                           maps: AlignMaps | None = None, seed: int = 0) -> PredictedAlignment:
+                           maps: AlignMaps | None = None, seed: int = 0, stream: bool = True) -> PredictedAlignment:
         """Make h_theta a fitted alignment that needs no B at inference, instead of training the MLP with `fit`.
 
-        Reads at most `samples` rows of `(inputs, attrs)` batches through the frozen backbone, standardises them,
-        fits the piecewise alignment of `dmm_wrap.core.alignment` (each attribute group's pieces moved onto the pooled
-        ones) and, per attribute, a logistic regression that predicts its class from Z. Z~ is then T(z, b^(z)).
+        Reads `samples` rows of `(inputs, attrs)` batches through the frozen backbone, standardises them, fits the
+        piecewise alignment of `dmm_wrap.core.alignment` (each attribute group's pieces moved onto the pooled ones)
+        and, per attribute, a logistic regression that predicts its class from Z. Z~ is then T(z, b^(z)). With one
+        attribute and `stream` (the default), it then reads the rest of the loader once and re-estimates every
+        piece's mean and map from all the rows it read, accumulated batch by batch (`PieceMoments`: groups x pieces
+        x D^2 floats, no rows kept); the pieces, their matching and the predictor stay the sample's.
         Categorical attributes only. It suits an attribute a linear model reads from Z (a site's tint or stain). Fit
         it on many more samples than a probe will get: what it leaves is mostly its estimation error. On the leakage
         suite's conv problem a fresh probe, trained on 1,500 samples the head was not fitted on, reads the site at
@@ -46,7 +50,10 @@ class AlignmentHeadMixin:
 
         Args:
             clusters: pieces per group, for all attributes or one per attribute (None: the silhouette score's).
-            samples: rows read (the fit holds them in memory: samples x feature_dim floats).
+            samples: rows the pieces, their matching and the predictor are fitted on (held in memory: samples x
+                feature_dim floats).
+            stream: with one attribute, re-estimate the maps from every row of the loader (one pass); False stops
+                reading after `samples` rows. With several attributes only the sample is read.
             maps: per-piece maps, "full", "diagonal" or "shift" (None: full up to 256 features). Full maps gather a
                 [N, D, D] tensor per batch at inference (about 270 MB for 1,024 rows of 256 features): use smaller
                 batches, or "diagonal".
@@ -67,13 +74,16 @@ class AlignmentHeadMixin:
                 c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 1) for c in counts):
             raise ValueError(f"clusters must be None, an int >= 1 or a list of one per attribute "
                              f"({len(self.attributes)}), got {clusters!r}.")
+        if not isinstance(stream, bool):
+            raise ValueError(f"stream must be True or False, got {stream!r}.")
         if maps is not None and maps not in get_args(AlignMaps):
             raise ValueError(f"maps must be one of {get_args(AlignMaps)} or None, got {maps!r}.")
         # HeadConfig's own check that the head fits this encoder (out_dim), before the backbone pass.
         dataclasses.replace(self.head_config, align_head_pieces=[1] * len(self.attributes))
         device = self.device
         zs, bs, n = [], [], 0
-        for z, b in iterate_batches(loader, self.attributes, self.extractor, device, None):
+        batches = iterate_batches(loader, self.attributes, self.extractor, device, None)
+        for z, b in batches:
             zs.append(z.cpu())
             bs.append(b.cpu())
             n += len(z)
@@ -82,6 +92,7 @@ class AlignmentHeadMixin:
         if n < 2:
             raise ValueError(f"The loader gave {n} rows; fit_alignment_head needs at least 2 (and a few per piece).")
         z, b = torch.cat(zs)[:samples], torch.cat(bs)[:samples]
+        read = (torch.cat(zs), torch.cat(bs))
         if self.heads is None:
             self._build_heads(z.shape[1])
         heads = self._require_heads()
@@ -90,6 +101,16 @@ class AlignmentHeadMixin:
         else:
             mean, std = torch.zeros(z.shape[1]), torch.ones(z.shape[1])
         head = fit_predicted_alignment((z - mean) / std, b, self.attributes, clusters, maps, seed)
+        if stream and len(self.attributes) == 1 and n >= samples:
+            # The pieces and their matching come from the sample; the maps are re-estimated from every row of the
+            # pass (the sample's included), whose moments are accumulated batch by batch.
+            stage = head.alignment.stages[0]
+            moments = PieceMoments(stage)
+            moments.add(stage, (read[0] - mean) / std, read[1][:, 0])
+            for z_more, b_more in batches:
+                moments.add(stage, (z_more.cpu() - mean) / std, b_more.cpu()[:, 0])
+                n += len(z_more)
+            refit_maps(stage, moments)
         self.head_config = dataclasses.replace(
             self.head_config, align_head_pieces=[int(st.centroids.shape[1]) for st in head.alignment.stages],
             align_head_maps=head.alignment.stages[0].maps)
