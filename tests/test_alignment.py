@@ -10,7 +10,7 @@ from sklearn.neural_network import MLPClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from dmm_wrap import Attribute, DebiasedEncoder, FitConfig
-from dmm_wrap.core.alignment import PiecewiseAlignment, _gaussian_map, fit_alignment
+from dmm_wrap.core.alignment import PiecewiseAlignment, gaussian_map, fit_alignment
 
 GROUP = (Attribute("group", "categorical", 3),)
 
@@ -38,7 +38,7 @@ def test_gaussian_map_sends_one_covariance_to_the_other() -> None:
     rng = np.random.default_rng(0)
     a, c = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
     s, t = a @ a.T + 0.1 * np.eye(5), c @ c.T + 0.1 * np.eye(5)
-    m = _gaussian_map(s, t)
+    m = gaussian_map(s, t)
     np.testing.assert_allclose(m, m.T, atol=1e-8)
     np.testing.assert_allclose(m @ s @ m, t, atol=1e-6)
     assert np.linalg.eigvalsh(m).min() > 0

@@ -147,7 +147,8 @@ def test_streamed_moments_reproduce_the_fit_and_do_not_depend_on_batching() -> N
     """refit_maps from the moments of the very rows a stage was fitted on gives back its means and maps (closed form:
     the same mean and shrunk covariance, summed batch by batch about each piece's centroid), whether the rows are
     added at once or in batches of 37; for full, diagonal and shift maps."""
-    from dmm_wrap.core.alignment import PieceMoments, fit_alignment, refit_maps
+    from dmm_wrap.core.alignment import fit_alignment
+    from dmm_wrap.core.moments import PieceMoments, refit_maps
 
     x, _, s = tinted_sites(2000, 3)
     z = frozen_encoder()(x).detach()
@@ -166,7 +167,8 @@ def test_streamed_moments_reproduce_the_fit_and_do_not_depend_on_batching() -> N
 
 
 def test_refit_needs_a_stage_fitted_in_this_process() -> None:
-    from dmm_wrap.core.alignment import AlignmentStage, PieceMoments, refit_maps
+    from dmm_wrap.core.alignment import AlignmentStage
+    from dmm_wrap.core.moments import PieceMoments, refit_maps
 
     stage = AlignmentStage(3, 2, 4, "full")
     with pytest.raises(ValueError, match="fitted in this process"):
@@ -176,7 +178,7 @@ def test_refit_needs_a_stage_fitted_in_this_process() -> None:
 def test_streaming_the_rest_of_the_loader_reestimates_the_maps_from_every_row() -> None:
     """With stream=True the maps come from every row of the loader, the pieces from the first `samples`: the maps
     equal a refit of the sample's stage on all the rows' moments, and differ from stream=False's."""
-    from dmm_wrap.core.alignment import PieceMoments, refit_maps
+    from dmm_wrap.core.moments import PieceMoments, refit_maps
 
     x, _, s = tinted_sites(4000, 4)
     loader = DataLoader(TensorDataset(x, s.float()[:, None]), batch_size=256)

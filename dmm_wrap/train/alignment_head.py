@@ -8,14 +8,14 @@ feature extractor, heads and head config.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, get_args
 
 import torch
 
 from ..config import AlignMaps
-from ..core.alignment import (PieceMoments, PredictedAlignment, fit_predicted_alignment, refit_maps,
-                              require_categorical)
+from ..core.alignment import PredictedAlignment, fit_predicted_alignment, require_categorical
+from ..core.moments import PieceMoments, refit_maps
 from ..data.batches import iterate_batches
 
 
@@ -40,13 +40,11 @@ class AlignmentHeadMixin:
         attribute and `stream` (the default), it then reads the rest of the loader once and re-estimates every
         piece's mean and map from all the rows it read, accumulated batch by batch (`PieceMoments`: groups x pieces
         x D^2 floats, no rows kept); the pieces, their matching and the predictor stay the sample's.
-        Categorical attributes only. It suits an attribute a linear model reads from Z (a site's tint or stain). Fit
-        it on many more samples than a probe will get: what it leaves is mostly its estimation error. On the leakage
-        suite's conv problem a fresh probe, trained on 1,500 samples the head was not fitted on, reads the site at
-        0.572 +- 0.065 when the head was fitted on as many, 0.415 on 4x and 0.372 on 16x (chance 0.333, raw 1.000).
-        Where the attribute is not linearly readable, a wrong prediction applies another group's map
-        (`benchmarks/alignment_target.py` measures both). The model then saves, loads and runs as any other; `fit`
-        refuses it.
+        Categorical attributes; it suits one a linear model reads from Z (a tint, a stain). Fit it on many more rows
+        than a probe gets: on the suite's conv problem a fresh probe trained on 1,500 others reads the site at 0.572
+        when the head was fitted on as many, 0.415 on 4x, 0.372 on 16x (chance 0.333, raw 1.000).
+        Where it is not, a wrong prediction applies another group's map (`benchmarks/alignment_target.py`). The
+        model then saves, loads and runs as any other; `fit` refuses it.
 
         Args:
             clusters: pieces per group, for all attributes or one per attribute (None: the silhouette score's).
@@ -102,15 +100,7 @@ class AlignmentHeadMixin:
             mean, std = torch.zeros(z.shape[1]), torch.ones(z.shape[1])
         head = fit_predicted_alignment((z - mean) / std, b, self.attributes, clusters, maps, seed)
         if stream and len(self.attributes) == 1 and n >= samples:
-            # The pieces and their matching come from the sample; the maps are re-estimated from every row of the
-            # pass (the sample's included), whose moments are accumulated batch by batch.
-            stage = head.alignment.stages[0]
-            moments = PieceMoments(stage)
-            moments.add(stage, (read[0] - mean) / std, read[1][:, 0])
-            for z_more, b_more in batches:
-                moments.add(stage, (z_more.cpu() - mean) / std, b_more.cpu()[:, 0])
-                n += len(z_more)
-            refit_maps(stage, moments)
+            _refit_from_stream(head, read, batches, mean, std)
         self.head_config = dataclasses.replace(
             self.head_config, align_head_pieces=[int(st.centroids.shape[1]) for st in head.alignment.stages],
             align_head_maps=head.alignment.stages[0].maps)
@@ -120,6 +110,18 @@ class AlignmentHeadMixin:
         heads.h = head.to(device)
         heads.eval()
         return head
+
+
+def _refit_from_stream(head: PredictedAlignment, read: tuple[torch.Tensor, torch.Tensor], batches: Iterator,
+                       mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Re-estimate the single stage's maps from every row: those already `read` (the sample's included) and the rest
+    of `batches`, whose moments are accumulated batch by batch; the pieces and their matching stay the sample's."""
+    stage = head.alignment.stages[0]
+    moments = PieceMoments(stage)
+    moments.add(stage, (read[0] - mean) / std, read[1][:, 0])
+    for z, b in batches:
+        moments.add(stage, (z.cpu() - mean) / std, b.cpu()[:, 0])
+    refit_maps(stage, moments)
 
 
 __all__ = ["AlignmentHeadMixin"]
