@@ -207,7 +207,7 @@ def run_problem(name: str, seed: int, methods: list[str], split: str, overrides:
     """Every method on one problem and seed. The task's logistic regression trains on the train split (the paper's
     protocol: a user trains on the debiased training features); the leakage and retention probes train on
     `probe_split`, which no method was fitted on ("train" gives the in-sample protocol, for comparison)."""
-    problem = PROBLEMS[name](seed) if train_scale == 1 else PROBLEMS[name](seed, train_scale)
+    problem = PROBLEMS[name](seed, train_scale)
     train, ev = problem.sample("train"), problem.sample(split)  # type: ignore[arg-type]
     held = train if probe_split == "train" else problem.sample(probe_split)  # type: ignore[arg-type]
     raw_enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     for bad in [p for p in names if p not in PROBLEMS] + [m for m in methods if m not in METHODS]:
         raise SystemExit(f"Unknown problem or method {bad!r}: problems {list(PROBLEMS)}, methods {list(METHODS)}.")
+    if args.train_scale < 1:
+        parser.error(f"--train-scale must be an integer >= 1 (the train split's size as a multiple of its usual one), "
+                     f"got {args.train_scale}.")
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_set(args.set)
     results: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}

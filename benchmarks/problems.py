@@ -224,13 +224,16 @@ def scaled(sizes: dict[Split, int], train_scale: int) -> dict[Split, int]:
     return {**sizes, "train": sizes["train"] * train_scale}
 
 
+def _vector(kind: str, strength: float = 1.0) -> Callable[..., Problem]:
+    return lambda seed, train_scale=1: vector_problem(kind, seed, scaled(VECTOR_SIZES, train_scale), strength)
+
+
 PROBLEMS: dict[str, Callable[..., Problem]] = {
-    "additive": lambda seed, train_scale=1: vector_problem("additive", seed, scaled(VECTOR_SIZES, train_scale)),
-    "style": lambda seed, train_scale=1: vector_problem("style", seed, scaled(VECTOR_SIZES, train_scale),
-                                                        STYLE_STRENGTH),
-    "style_overlap": lambda seed, train_scale=1: vector_problem("style", seed, scaled(VECTOR_SIZES, train_scale)),
-    "rotation": lambda seed, train_scale=1: vector_problem("rotation", seed, scaled(VECTOR_SIZES, train_scale)),
-    "continuous": lambda seed, train_scale=1: vector_problem("continuous", seed, scaled(VECTOR_SIZES, train_scale)),
+    "additive": _vector("additive"),
+    "style": _vector("style", STYLE_STRENGTH),
+    "style_overlap": _vector("style"),
+    "rotation": _vector("rotation"),
+    "continuous": _vector("continuous"),
     "conv": lambda seed, train_scale=1: conv_problem(seed, scaled(CONV_SIZES, train_scale)),
     "digits": lambda seed, train_scale=1: digits_problem(seed, scaled(DIGITS_SIZES, train_scale)),
 }

@@ -74,7 +74,7 @@ def test_suite_probes_train_on_a_split_no_method_saw(monkeypatch: pytest.MonkeyP
     from dmm_wrap import DebiasedEncoder
 
     sizes = {"train": 400, "val": 400, "test": 10, "select": 10, "probe": 400}
-    monkeypatch.setitem(suite.PROBLEMS, "tiny", lambda seed: vector_problem("additive", seed, sizes))
+    monkeypatch.setitem(suite.PROBLEMS, "tiny", lambda seed, train_scale=1: vector_problem("additive", seed, sizes))
 
     class Memoriser(nn.Module):
         def __init__(self, problem: object, train: object) -> None:
@@ -149,3 +149,13 @@ def test_style_problem_group_is_readable_and_the_overlap_problem_is_not() -> Non
 
     assert readability("style") >= 0.95
     assert readability("style_overlap") < 0.9
+
+
+def test_train_scale_below_one_is_refused_with_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(BENCH.parent))
+    import leakage as suite
+
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--train-scale", "0"])
+    assert exc.value.code == 2
+    assert "--train-scale must be an integer >= 1" in capsys.readouterr().err

@@ -66,10 +66,14 @@ class AlignmentStage(nn.Module):
             return b.long()
         return torch.bucketize(b.contiguous(), self.edges.to(b.dtype), right=True)
 
+    def pieces_of(self, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sample's group (g clamped to the stage's groups) and its nearest piece of that group."""
+        g = g.clamp(0, self.centroids.shape[0] - 1)
+        return g, (z[:, None, :] - self.centroids[g]).pow(2).sum(-1).argmin(1)  # not cdist: ONNX has no such op
+
     def apply(self, z: Tensor, g: Tensor) -> Tensor:
         """Group g's map of each sample: its nearest piece's mean moved onto the pooled piece's, its shape mapped."""
-        g = g.clamp(0, self.centroids.shape[0] - 1)
-        k = (z[:, None, :] - self.centroids[g]).pow(2).sum(-1).argmin(1)  # not cdist: ONNX has no such op
+        g, k = self.pieces_of(z, g)
         centred = z - self.source_mean[g, k]
         if self.maps == "full":
             moved = torch.einsum("nij,nj->ni", self.linear[g, k], centred)
@@ -393,7 +397,10 @@ def _covariance(x: np.ndarray, shrinkage: float) -> np.ndarray:
 
 
 def shrink_covariance(cov: np.ndarray, shrinkage: float) -> np.ndarray:
-    """`cov` shrunk towards its mean variance by the fraction `shrinkage`."""
+    """`cov` shrunk towards its mean variance by the fraction `shrinkage`: a covariance matrix [D, D], or the
+    variances [D] alone (a diagonal covariance)."""
+    if cov.ndim == 1:
+        return (1 - shrinkage) * cov + shrinkage * max(cov.mean(), 1e-6)
     scale = max(np.trace(cov) / len(cov), 1e-6)
     return (1 - shrinkage) * cov + shrinkage * scale * np.eye(len(cov))
 

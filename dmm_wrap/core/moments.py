@@ -28,11 +28,9 @@ class PieceMoments:
     @torch.no_grad()
     def add(self, stage: AlignmentStage, z: Tensor, b: Tensor) -> None:
         """Add rows z [N, D] (the stage's input) of classes b [N], each in its own group's nearest piece."""
-        groups, pieces, _ = stage.centroids.shape
-        g = b.long().clamp(0, groups - 1)
-        k = (z[:, None, :] - stage.centroids[g]).pow(2).sum(-1).argmin(1)
+        g, k = stage.pieces_of(z, b.long())
         x = z.double() - stage.centroids[g, k].double()
-        cell = (g * pieces + k).cpu()
+        cell = (g * stage.centroids.shape[1] + k).cpu()
         x = x.cpu()
         self.count.index_add_(0, cell, torch.ones(len(cell), dtype=torch.float64))
         self.total.index_add_(0, cell, x)
@@ -66,11 +64,12 @@ def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: float = 
         return n, t + n * c, second
 
     def mean_cov(parts: list[tuple[float, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """The mean and the shrunk covariance (variances, for diagonal maps) of the pooled parts."""
         n = sum(p[0] for p in parts)
         mu = sum(p[1] for p in parts) / n
         second = sum(p[2] for p in parts)
         spread = (second - n * (np.outer(mu, mu) if full else mu * mu)) / max(n - 1, 1)
-        return mu, (shrink_covariance(spread, shrinkage) if full else spread)
+        return mu, shrink_covariance(spread, shrinkage)
 
     for s in range(pieces):
         cells = [(g, int(np.flatnonzero(slots[g] == s)[0])) for g in present]
@@ -88,10 +87,8 @@ def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: float = 
                 stage.linear[g, k] = (torch.eye(dim) if full else torch.ones(dim))
             elif full:
                 stage.linear[g, k] = torch.from_numpy(gaussian_map(own_cov, cov))
-            else:
-                own_var = shrink_covariance(np.diag(own_cov), shrinkage).diagonal()
-                var = shrink_covariance(np.diag(cov), shrinkage).diagonal()
-                stage.linear[g, k] = torch.from_numpy(np.sqrt(var / own_var))
+            else:  # own_cov and cov are the shrunk variances
+                stage.linear[g, k] = torch.from_numpy(np.sqrt(cov / own_cov))
 
 
 __all__ = ["PieceMoments", "refit_maps"]

@@ -89,8 +89,8 @@ class AlignmentHeadMixin:
                 break
         if n < 2:
             raise ValueError(f"The loader gave {n} rows; fit_alignment_head needs at least 2 (and a few per piece).")
-        z, b = torch.cat(zs)[:samples], torch.cat(bs)[:samples]
         read = (torch.cat(zs), torch.cat(bs))
+        z, b = read[0][:samples], read[1][:samples]
         if self.heads is None:
             self._build_heads(z.shape[1])
         heads = self._require_heads()
