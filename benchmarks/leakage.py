@@ -162,8 +162,10 @@ def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, over
     if method == "head":  # no training loop: one bounded pass of fit_alignment_head
         enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
         start = time.perf_counter()
+        shrinkage = {"shrinkage": overrides["align_shrinkage"]} if "align_shrinkage" in overrides else {}
         enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size),
-                               clusters=overrides.get("align_clusters"), samples=len(train.inputs), seed=seed)
+                               clusters=overrides.get("align_clusters"), samples=len(train.inputs), seed=seed,
+                               **shrinkage)
         return enc, {"fit_seconds": time.perf_counter() - start}
     torch.manual_seed(seed)
     aligned = method in ("aligned", "selected")

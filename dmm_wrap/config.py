@@ -16,6 +16,7 @@ Pooling = Literal["avg", "max", "cls", "flatten"]
 NllReduction = Literal["mean", "sum"]
 AmpDtype = Literal["bfloat16", "float16"]
 AlignMaps = Literal["full", "diagonal", "shift"]
+AlignShrinkage = float | Literal["oas"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,13 @@ class HeadConfig:
         return cls(**base)
 
 
+def check_shrinkage(value: object, name: str) -> None:
+    """Raise unless `value` is a covariance shrinkage: a number in [0, 1] or "oas"."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (value == "oas" or (number and 0 <= value <= 1)):  # type: ignore[operator]
+        raise ValueError(f'{name} must be a number in [0, 1] or "oas", got {value!r}.')
+
+
 @dataclass
 class FitConfig:
     """Options of one training run (`DebiasedEncoder.fit`); not saved with the weights."""
@@ -212,6 +220,11 @@ class FitConfig:
     """How each piece is mapped onto the pooled piece: "full" (Gaussian optimal transport of its mean and
     covariance, groups x pieces x D^2 floats), "diagonal" (per-coordinate scale) or "shift" (mean only); None = full
     up to 256 features, diagonal beyond."""
+
+    align_shrinkage: AlignShrinkage = 0.1
+    """How each piece's covariance is shrunk towards its mean variance before its map is fitted: a fixed fraction in
+    [0, 1], or "oas", the Oracle Approximating Shrinkage fraction of the piece's own sample size (near 0 for pieces
+    of many rows, more for few rows in many dimensions; `dmm_wrap.core.alignment.oas_shrinkage`)."""
 
     align_every: int = 400
     """Steps between rounds of the alignment target: each round copies h_theta and aligns its output again, so what
@@ -307,6 +320,7 @@ class FitConfig:
         for key in ("align_samples", "select_samples"):
             if getattr(self, key) < 16:
                 raise ValueError(f"FitConfig.{key} must be an int >= 16, got {getattr(self, key)!r}.")
+        check_shrinkage(self.align_shrinkage, "FitConfig.align_shrinkage")
         if self.align_maps is not None and self.align_maps not in get_args(AlignMaps):
             raise ValueError(f"FitConfig.align_maps must be one of {get_args(AlignMaps)} or None, got "
                              f"{self.align_maps!r}.")

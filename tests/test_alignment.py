@@ -138,6 +138,8 @@ def test_resume_keeps_the_alignment_and_refuses_a_changed_config(tmp_path) -> No
 @pytest.mark.parametrize("kwargs, match", [
     ({"align_weight": -1.0}, "align_weight"),
     ({"align_maps": "affine"}, "align_maps"),
+    ({"align_shrinkage": 1.5}, "align_shrinkage"),
+    ({"align_shrinkage": "ledoit"}, "align_shrinkage"),
     ({"align_bins": 1}, "align_bins"),
     ({"align_clusters": 0}, "align_clusters"),
 ])

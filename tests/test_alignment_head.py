@@ -114,6 +114,9 @@ def test_bad_input_is_refused_with_the_fix(fitted) -> None:
         DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, clusters=[2, 2])
     with pytest.raises(ValueError, match="maps must be one of"):
         DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, maps="ful")
+    for shrinkage in (1.5, "ledoit", True):
+        with pytest.raises(ValueError, match=r'shrinkage must be a number in \[0, 1\] or "oas"'):
+            DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, shrinkage=shrinkage)
     one_site = data["str"] == 0  # a loader ordered by site, read only as far as its first site
     ordered = [(data["xtr"][one_site][:300], data["str"][one_site][:300].float()[:, None])]
     with pytest.raises(ValueError, match=r"only class \[0\] of 'site'.*Shuffle the loader"):
@@ -153,17 +156,38 @@ def test_streamed_moments_reproduce_the_fit_and_do_not_depend_on_batching() -> N
     x, _, s = tinted_sites(2000, 3)
     z = frozen_encoder()(x).detach()
     z = (z - z.mean(0)) / z.std(0)
-    for maps in ("full", "diagonal", "shift"):
-        stage = fit_alignment(z, s.float()[:, None], (SITE,), 4, 8, maps, 0).stages[0]
+    for maps, shrinkage in (("full", 0.1), ("diagonal", 0.1), ("shift", 0.1), ("full", "oas"), ("diagonal", "oas")):
+        stage = fit_alignment(z, s.float()[:, None], (SITE,), 4, 8, maps, 0, shrinkage).stages[0]
         fitted = {k: v.clone() for k, v in stage.state_dict().items()}
         at_once, batched = PieceMoments(stage), PieceMoments(stage)
         at_once.add(stage, z, s)
         for i in range(0, len(z), 37):
             batched.add(stage, z[i:i + 37], s[i:i + 37])
         assert torch.allclose(at_once.squares, batched.squares, atol=1e-9)
-        refit_maps(stage, batched)
+        refit_maps(stage, batched, shrinkage)
         for key, value in stage.state_dict().items():
-            assert torch.allclose(value, fitted[key], atol=1e-4), (maps, key)
+            assert torch.allclose(value, fitted[key], atol=1e-4), (maps, shrinkage, key)
+
+
+@pytest.mark.parametrize("rows, dim", [(50, 20), (500, 64), (100, 128)])
+def test_oas_shrinkage_equals_scikit_learns(rows: int, dim: int) -> None:
+    """The OAS fraction computed from a covariance and its row count (what streamed moments give) equals
+    scikit-learn's `oas` on the rows, for either normalisation of the covariance, and so does the shrunk matrix; it
+    falls as rows grow against the dimension."""
+    from sklearn.covariance import oas
+
+    from dmm_wrap.core.alignment import oas_shrinkage, shrink_covariance
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, dim)) @ rng.standard_normal((dim, dim))
+    reference, fraction = oas(x)
+    biased = np.cov(x.T, bias=True)
+    assert oas_shrinkage(biased, rows) == pytest.approx(fraction, rel=1e-10)
+    assert oas_shrinkage(np.cov(x.T), rows) == pytest.approx(fraction, rel=1e-10)
+    np.testing.assert_allclose(shrink_covariance(biased, "oas", rows), reference, rtol=1e-10, atol=1e-10)
+    assert oas_shrinkage(biased, 100 * rows) < fraction
+    with pytest.raises(ValueError, match="needs the row count"):
+        shrink_covariance(biased, "oas")
 
 
 def test_refit_needs_a_stage_fitted_in_this_process() -> None:

@@ -33,6 +33,9 @@ from torch import Tensor, nn
 from ..config import Attribute
 
 MapKind = Literal["full", "diagonal", "shift"]
+Shrinkage = float | Literal["oas"]
+"""A covariance shrinkage: a fixed fraction in [0, 1], or "oas", the Oracle Approximating Shrinkage fraction of each
+estimate's own sample size (Chen et al., 2010; `oas_shrinkage`)."""
 AUTO_CLUSTERS = range(2, 13)
 """Cluster counts the silhouette score chooses from when `clusters` is None."""
 MIN_PIECE = 3
@@ -221,7 +224,7 @@ def require_categorical(attributes: tuple[Attribute, ...]) -> None:
 
 
 def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
-                            maps: MapKind | None, seed: int, shrinkage: float = 0.1,
+                            maps: MapKind | None, seed: int, shrinkage: Shrinkage = "oas",
                             max_iter: int = 2000) -> PredictedAlignment:
     """Fit the alignment on standardised features z [N, D] and class ids b [N, A], and per attribute a logistic
     regression (scikit-learn, on standardised inputs; the scaling is folded into a `nn.Linear`) that predicts its
@@ -271,7 +274,7 @@ def default_maps(dim: int) -> MapKind:
 
 
 def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
-                  bins: int, maps: MapKind | None, seed: int, shrinkage: float = 0.1) -> PiecewiseAlignment:
+                  bins: int, maps: MapKind | None, seed: int, shrinkage: Shrinkage = 0.1) -> PiecewiseAlignment:
     """Fit the alignment on a sample of standardised features z [N, D] and attributes b [N, A] (class ids, values).
 
     Args:
@@ -280,7 +283,7 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         bins: quantile bins of a continuous attribute.
         maps: "full" (Gaussian OT map of each piece's covariance), "diagonal" or "shift"; None: `default_maps`.
         shrinkage: each piece's covariance is shrunk towards its mean variance by this fraction (few samples per
-            piece in many dimensions).
+            piece in many dimensions), or by the OAS fraction of its sample size ("oas").
     """
     x = z.detach().double().cpu().numpy()
     cols = b.detach().double().cpu().numpy()
@@ -326,7 +329,7 @@ def _choose_clusters(x: np.ndarray, seed: int) -> int:
 
 
 def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int], pieces: int, ordered: bool,
-               maps: MapKind, seed: int, shrinkage: float, edges: Tensor | None) -> AlignmentStage:
+               maps: MapKind, seed: int, shrinkage: Shrinkage, edges: Tensor | None) -> AlignmentStage:
     from sklearn.cluster import KMeans
 
     dim = x.shape[1]
@@ -340,7 +343,8 @@ def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int]
     stage = AlignmentStage(count, pieces, dim, maps, edges)
     for s in range(pieces):
         pooled = x[slot_of == s]
-        mu, cov = pooled.mean(0), _covariance(pooled, shrinkage)
+        diagonal = maps == "diagonal"
+        mu, cov = pooled.mean(0), _covariance(pooled, shrinkage, diagonal)
         for g in present:
             k = int(np.flatnonzero(slots[g] == s)[0])
             own = x[(groups == g) & (assign == k)]
@@ -351,7 +355,7 @@ def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int]
             if maps == "full":
                 stage.linear[g, k] = torch.from_numpy(gaussian_map(_covariance(own, shrinkage), cov))
             elif maps == "diagonal":
-                stage.linear[g, k] = torch.from_numpy(np.sqrt(np.diag(cov) / np.diag(_covariance(own, shrinkage))))
+                stage.linear[g, k] = torch.from_numpy(np.sqrt(cov / _covariance(own, shrinkage, diagonal)))
     stage.centroids[present] = torch.from_numpy(centroids[present]).float()
     stage.slots = slots  # fit time only (not saved): which pooled piece each group's piece is matched to
     return stage
@@ -391,14 +395,36 @@ def _match(centroids: np.ndarray, present: list[int], ordered: bool) -> np.ndarr
     return slots
 
 
-def _covariance(x: np.ndarray, shrinkage: float) -> np.ndarray:
+def _covariance(x: np.ndarray, shrinkage: Shrinkage, diagonal: bool = False) -> np.ndarray:
+    """The shrunk covariance of the rows x [N, D], or with `diagonal` their shrunk variances [D] alone."""
+    if diagonal:
+        return shrink_covariance(x.var(0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1]), shrinkage, len(x))
     cov = np.cov(x.T) if len(x) > 1 else np.zeros((x.shape[1], x.shape[1]))
-    return shrink_covariance(np.atleast_2d(cov), shrinkage)
+    return shrink_covariance(np.atleast_2d(cov), shrinkage, len(x))
 
 
-def shrink_covariance(cov: np.ndarray, shrinkage: float) -> np.ndarray:
-    """`cov` shrunk towards its mean variance by the fraction `shrinkage`: a covariance matrix [D, D], or the
-    variances [D] alone (a diagonal covariance)."""
+def oas_shrinkage(cov: np.ndarray, n: float) -> float:
+    """The Oracle Approximating Shrinkage fraction (Chen, Wiesel, Eldar and Hero, 2010; scikit-learn's `oas`) of a
+    covariance estimated from `n` rows: near 0 when n is large against the dimension, up to 1 when it is not. From
+    the covariance alone, so that streamed moments get it too (the fraction does not depend on the covariance's scale,
+    so 1/n or 1/(n-1) normalisation gives the same). `cov` may be the variances [D] alone (a diagonal covariance)."""
+    cov = np.diag(cov) if cov.ndim == 1 else cov
+    dim = len(cov)
+    if dim == 1:
+        return 0.0
+    alpha, mu = np.mean(cov ** 2), np.trace(cov) / dim
+    den = (n + 1) * (alpha - mu ** 2 / dim)
+    return 1.0 if den <= 0 else float(min((alpha + mu ** 2) / den, 1.0))
+
+
+def shrink_covariance(cov: np.ndarray, shrinkage: Shrinkage, n: float | None = None) -> np.ndarray:
+    """`cov` shrunk towards its mean variance by the fraction `shrinkage`, or by `oas_shrinkage(cov, n)` ("oas": `n`
+    is then the estimate's row count): a covariance matrix [D, D], or the variances [D] alone (a diagonal
+    covariance)."""
+    if shrinkage == "oas":
+        if n is None:
+            raise ValueError('shrinkage="oas" needs the row count n the covariance was estimated from.')
+        shrinkage = oas_shrinkage(cov, n)
     if cov.ndim == 1:
         return (1 - shrinkage) * cov + shrinkage * max(cov.mean(), 1e-6)
     scale = max(np.trace(cov) / len(cov), 1e-6)
@@ -416,4 +442,4 @@ def gaussian_map(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["AlignmentStage", "AlignmentTarget", "PiecewiseAlignment", "PredictedAlignment", "default_maps",
-           "fit_alignment", "fit_predicted_alignment", "require_categorical"]
+           "fit_alignment", "fit_predicted_alignment", "oas_shrinkage", "require_categorical"]

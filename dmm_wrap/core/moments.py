@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .alignment import MIN_PIECE, AlignmentStage, gaussian_map, shrink_covariance
+from .alignment import MIN_PIECE, AlignmentStage, Shrinkage, gaussian_map, shrink_covariance
 
 
 class PieceMoments:
@@ -42,7 +42,7 @@ class PieceMoments:
             self.squares[c] += rows.T @ rows
 
 
-def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: float = 0.1) -> None:
+def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: Shrinkage = "oas") -> None:
     """Re-estimate a fitted stage's means and maps from `moments`, keeping its pieces and their matching (the
     stage must come from `fit_alignment` in this process: the matching is not saved)."""
     slots = getattr(stage, "slots", None)
@@ -69,7 +69,7 @@ def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: float = 
         mu = sum(p[1] for p in parts) / n
         second = sum(p[2] for p in parts)
         spread = (second - n * (np.outer(mu, mu) if full else mu * mu)) / max(n - 1, 1)
-        return mu, shrink_covariance(spread, shrinkage)
+        return mu, shrink_covariance(spread, shrinkage, n)
 
     for s in range(pieces):
         cells = [(g, int(np.flatnonzero(slots[g] == s)[0])) for g in present]

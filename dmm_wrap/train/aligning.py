@@ -40,7 +40,7 @@ def refit_alignment(objective: DeepMinMax, target: AlignmentTarget, cfg: FitConf
         clusters = ([stage.centroids.shape[1] for stage in target.alignment.stages] if len(target.alignment.stages)
                     else cfg.align_clusters)
         fitted = fit_alignment(features, target.sample_b.cpu(), objective.attributes, clusters, cfg.align_bins,
-                               cfg.align_maps, seed=0)
+                               cfg.align_maps, seed=0, shrinkage=cfg.align_shrinkage)
         state = {k: v.cpu() for k, v in fitted.state_dict().items()}
     state = broadcast_object(state)
     alignment = PiecewiseAlignment.empty_like(state)
