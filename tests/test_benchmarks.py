@@ -159,3 +159,25 @@ def test_train_scale_below_one_is_refused_with_the_fix(capsys: pytest.CaptureFix
         suite.main(["--train-scale", "0"])
     assert exc.value.code == 2
     assert "--train-scale must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_selection_trajectory_scores_the_checks_it_recorded(tmp_path: Path) -> None:
+    """benchmarks/selection_trajectory.py keeps every check's score, scores the selected check, the last and every
+    N-th with the suite's probes, and the selected one is the check of least score (a tie to the later)."""
+    sys.path.insert(0, str(BENCH.parent))
+    from selection_trajectory import main
+
+    out = tmp_path / "trajectory.json"
+    assert main(["--problem", "additive", "--epochs-scale", "0.05", "--every", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    scores = {int(step): score for step, score in result["scores"].items()}
+    assert sorted(scores) == list(range(1, 17))  # 16 steps, a check at each
+    least = min(scores.values())
+    chosen = max(step for step, score in scores.items() if score == least)
+    rows = {row["step"]: row for row in result["rows"]}
+    assert set(rows) == {8, 16, chosen}
+    assert [step for step, row in rows.items() if row["selected"]] == [chosen]
+    for row in rows.values():
+        assert row["selection_score"] == scores[row["step"]]
+        assert 0.0 <= row["group"] <= 1.0 and 0.0 <= row["task"] <= 1.0
