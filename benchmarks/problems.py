@@ -89,7 +89,8 @@ def rotate_planes(c: Tensor, angle: Tensor) -> Tensor:
 
 VECTOR_SIZES: dict[Split, int] = {"train": 4000, "val": 2000, "test": 2000, "select": 2000, "probe": 4000}
 CONV_SIZES: dict[Split, int] = {"train": 1500, "val": 500, "test": 500, "select": 500, "probe": 1500}
-DIGITS_SIZES: dict[Split, int] = {"train": 4096, "val": 2048, "test": 2048, "select": 2048, "probe": 4096}
+DIGITS_SIZES: dict[Split, int] = {"train": 4096, "val": 2048, "test": 2048, "select": 8192, "probe": 4096}
+"""`select`: the job's validation images (data.num_val, fit.select_samples: 8,192); 2,048 until 2026-12-01."""
 STYLE_STRENGTH = 2.0
 """The style problem's strength: the smallest of 1, 1.5, 2, 2.5, 3 at which a fresh MLP probe (trained on the probe
 split, scored on val) reads the group from the raw features at >= 0.98 for seeds 0, 1 and 2 (1: 0.85-0.89, 1.5:
@@ -197,8 +198,10 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
         return SplitData(batch.images, batch.attrs, batch.labels, _writer_detail(ds))
 
     # The shipped config's fit section (configs/synthetic_digits.yaml) over 480 steps; --epochs-scale 4 --train-scale
-    # 60 runs the job's protocol: 1,920 steps, each reading draws no step read before (245,760).
-    options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.9, "estimator_steps": 5, "ema_decay": 0.995}
+    # 60 runs the job's protocol: 1,920 steps, each reading draws no step read before (245,760). The selection probe
+    # reads the job's 8,192 validation images (until 2026-12-01 the suite gave it 2,048: FitConfig's default).
+    options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.9, "estimator_steps": 5, "ema_decay": 0.995,
+               "select_samples": 8192}
     return Problem("digits", backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
                    fit_options=options)
 
