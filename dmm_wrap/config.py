@@ -17,6 +17,8 @@ NllReduction = Literal["mean", "sum"]
 AmpDtype = Literal["bfloat16", "float16"]
 AlignMaps = Literal["full", "diagonal", "shift"]
 AlignShrinkage = float | Literal["oas"]
+"""A covariance shrinkage: a fixed fraction in [0, 1], or "oas", the Oracle Approximating Shrinkage fraction of each
+estimate's own row count (Chen et al., 2010; `dmm_wrap.core.alignment.oas_shrinkage`)."""
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,8 @@ def test_oas_shrinkage_equals_scikit_learns(rows: int, dim: int) -> None:
     assert oas_shrinkage(np.cov(x.T), rows) == pytest.approx(fraction, rel=1e-10)
     np.testing.assert_allclose(shrink_covariance(biased, "oas", rows), reference, rtol=1e-10, atol=1e-10)
     assert oas_shrinkage(biased, 100 * rows) < fraction
+    variances = np.diag(biased)  # a diagonal covariance given as its variances alone, as diagonal maps keep it
+    assert oas_shrinkage(variances, rows) == pytest.approx(oas_shrinkage(np.diag(variances), rows), rel=1e-12)
     with pytest.raises(ValueError, match="needs the row count"):
         shrink_covariance(biased, "oas")
 

@@ -30,12 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import Attribute
+from ..config import AlignShrinkage, Attribute
 
 MapKind = Literal["full", "diagonal", "shift"]
-Shrinkage = float | Literal["oas"]
-"""A covariance shrinkage: a fixed fraction in [0, 1], or "oas", the Oracle Approximating Shrinkage fraction of each
-estimate's own sample size (Chen et al., 2010; `oas_shrinkage`)."""
 AUTO_CLUSTERS = range(2, 13)
 """Cluster counts the silhouette score chooses from when `clusters` is None."""
 MIN_PIECE = 3
@@ -224,7 +221,7 @@ def require_categorical(attributes: tuple[Attribute, ...]) -> None:
 
 
 def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
-                            maps: MapKind | None, seed: int, shrinkage: Shrinkage = "oas",
+                            maps: MapKind | None, seed: int, shrinkage: AlignShrinkage = "oas",
                             max_iter: int = 2000) -> PredictedAlignment:
     """Fit the alignment on standardised features z [N, D] and class ids b [N, A], and per attribute a logistic
     regression (scikit-learn, on standardised inputs; the scaling is folded into a `nn.Linear`) that predicts its
@@ -274,7 +271,7 @@ def default_maps(dim: int) -> MapKind:
 
 
 def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
-                  bins: int, maps: MapKind | None, seed: int, shrinkage: Shrinkage = 0.1) -> PiecewiseAlignment:
+                  bins: int, maps: MapKind | None, seed: int, shrinkage: AlignShrinkage = 0.1) -> PiecewiseAlignment:
     """Fit the alignment on a sample of standardised features z [N, D] and attributes b [N, A] (class ids, values).
 
     Args:
@@ -329,7 +326,7 @@ def _choose_clusters(x: np.ndarray, seed: int) -> int:
 
 
 def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int], pieces: int, ordered: bool,
-               maps: MapKind, seed: int, shrinkage: Shrinkage, edges: Tensor | None) -> AlignmentStage:
+               maps: MapKind, seed: int, shrinkage: AlignShrinkage, edges: Tensor | None) -> AlignmentStage:
     from sklearn.cluster import KMeans
 
     dim = x.shape[1]
@@ -341,9 +338,9 @@ def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int]
     slots = _match(centroids, present, ordered)  # slots[g, k]: the pooled piece group g's piece k belongs to
     slot_of = slots[groups, assign]
     stage = AlignmentStage(count, pieces, dim, maps, edges)
+    diagonal = maps == "diagonal"
     for s in range(pieces):
         pooled = x[slot_of == s]
-        diagonal = maps == "diagonal"
         mu, cov = pooled.mean(0), _covariance(pooled, shrinkage, diagonal)
         for g in present:
             k = int(np.flatnonzero(slots[g] == s)[0])
@@ -395,7 +392,7 @@ def _match(centroids: np.ndarray, present: list[int], ordered: bool) -> np.ndarr
     return slots
 
 
-def _covariance(x: np.ndarray, shrinkage: Shrinkage, diagonal: bool = False) -> np.ndarray:
+def _covariance(x: np.ndarray, shrinkage: AlignShrinkage, diagonal: bool = False) -> np.ndarray:
     """The shrunk covariance of the rows x [N, D], or with `diagonal` their shrunk variances [D] alone."""
     if diagonal:
         return shrink_covariance(x.var(0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1]), shrinkage, len(x))
@@ -408,16 +405,17 @@ def oas_shrinkage(cov: np.ndarray, n: float) -> float:
     covariance estimated from `n` rows: near 0 when n is large against the dimension, up to 1 when it is not. From
     the covariance alone, so that streamed moments get it too (the fraction does not depend on the covariance's scale,
     so 1/n or 1/(n-1) normalisation gives the same). `cov` may be the variances [D] alone (a diagonal covariance)."""
-    cov = np.diag(cov) if cov.ndim == 1 else cov
     dim = len(cov)
     if dim == 1:
         return 0.0
-    alpha, mu = np.mean(cov ** 2), np.trace(cov) / dim
+    # mean of the squared entries and mean variance; for variances alone the off-diagonal entries are 0
+    alpha = np.sum(cov ** 2) / dim ** 2
+    mu = (cov if cov.ndim == 1 else np.diag(cov)).mean()
     den = (n + 1) * (alpha - mu ** 2 / dim)
     return 1.0 if den <= 0 else float(min((alpha + mu ** 2) / den, 1.0))
 
 
-def shrink_covariance(cov: np.ndarray, shrinkage: Shrinkage, n: float | None = None) -> np.ndarray:
+def shrink_covariance(cov: np.ndarray, shrinkage: AlignShrinkage, n: float | None = None) -> np.ndarray:
     """`cov` shrunk towards its mean variance by the fraction `shrinkage`, or by `oas_shrinkage(cov, n)` ("oas": `n`
     is then the estimate's row count): a covariance matrix [D, D], or the variances [D] alone (a diagonal
     covariance)."""

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .alignment import MIN_PIECE, AlignmentStage, Shrinkage, gaussian_map, shrink_covariance
+from ..config import AlignShrinkage
+from .alignment import MIN_PIECE, AlignmentStage, gaussian_map, shrink_covariance
 
 
 class PieceMoments:
@@ -42,7 +43,7 @@ class PieceMoments:
             self.squares[c] += rows.T @ rows
 
 
-def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: Shrinkage = "oas") -> None:
+def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: AlignShrinkage = "oas") -> None:
     """Re-estimate a fitted stage's means and maps from `moments`, keeping its pieces and their matching (the
     stage must come from `fit_alignment` in this process: the matching is not saved)."""
     slots = getattr(stage, "slots", None)
