@@ -181,3 +181,39 @@ def test_selection_trajectory_scores_the_checks_it_recorded(tmp_path: Path) -> N
     for row in rows.values():
         assert row["selection_score"] == scores[row["step"]]
         assert 0.0 <= row["group"] <= 1.0 and 0.0 <= row["task"] <= 1.0
+
+
+def test_head_dmm_trains_deepminmax_on_the_fixed_head_s_output() -> None:
+    """The suite's head_dmm method: the alignment head for the categorical attribute, then DeepMinMax on its output.
+    The head is bit-identical after DeepMinMax trains (it is part of the frozen backbone), the debiased features are
+    h_theta of the head's aligned features, and --set keys meant for the head reach the head only."""
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    import leakage as suite
+    from problems import PROBLEMS
+
+    problem = PROBLEMS["additive"](0)
+    train = problem.sample("train")
+    ref = suite.DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
+    ref.fit_alignment_head(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train.inputs, train.attrs),
+                                                       batch_size=problem.batch_size),
+                           clusters=4, samples=len(train.inputs), maps="diagonal", seed=0)
+    enc, extra = suite.fit_variant("head_dmm", problem, train, 0, {"align_clusters": 4, "align_head_maps": "diagonal"},
+                                   0.05, 1)
+    head = enc.backbone.encoder
+    assert head.head_config.align_head_maps == "diagonal" and enc.head_config.align_head_maps is None
+    assert extra["selected_step"] >= 1 and extra["fit_seconds"] > 0
+    fitted = {k: v for k, v in head.heads.state_dict().items() if k.startswith(("h.", "feature_"))}
+    assert len(fitted) > 2
+    for name, after in fitted.items():  # the same fitted head, untouched by DeepMinMax's training
+        assert torch.equal(ref.heads.state_dict()[name], after), name
+    x = problem.sample("test").inputs[:64]
+    with torch.no_grad():
+        aligned = ref(x)
+        assert torch.equal(head(x), aligned)
+        torch.testing.assert_close(enc(x), enc.heads.debias(aligned))
+        assert not torch.allclose(enc(x), aligned)  # negative control: DeepMinMax moved the features
+    with pytest.raises(SystemExit, match="categorical attribute"):
+        suite.fit_variant("head_dmm", PROBLEMS["continuous"](0), PROBLEMS["continuous"](0).sample("train"), 0, {},
+                          0.05, 1)
