@@ -16,7 +16,7 @@ For each problem of `benchmarks/problems.py` and each seed, the feature sets bel
                  shipped setting: data.num_val)
     head         the alignment head, DebiasedEncoder.fit_alignment_head on the train split: the alignment applied
                  with the attribute predicted from Z, no training loop (--set align_clusters=K gives its pieces;
-                 categorical attributes only)
+                 continuous attributes through joint groups, --set align_bins=B bins each, default 4)
     head_dmm     the alignment head for the problem's categorical attributes (fitted on HEAD_SAMPLES training rows,
                  its maps refit from every row with one such attribute), then dmm_selected for every attribute on its
                  output: the head stays fixed while DeepMinMax trains (--set align_clusters=K, --set
@@ -177,7 +177,7 @@ def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, over
         shrinkage = {"shrinkage": overrides["align_shrinkage"]} if "align_shrinkage" in overrides else {}
         enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size),
                                clusters=overrides.get("align_clusters"), samples=len(train.inputs), seed=seed,
-                               **shrinkage)
+                               bins=overrides.get("align_bins", 4), **shrinkage)
         return enc, {"fit_seconds": time.perf_counter() - start}
     if method == "head_dmm":
         return head_then_dmm(problem, train, seed, overrides, epochs_scale, train_scale)

@@ -178,15 +178,17 @@ def conv_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
                    epochs=8)
 
 
-def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
-    """The default job: the shipped digits encoder on generated digits (site, rotation, stroke width). The detail is
-    the writer: the first principal components of the source 8x8 digit minus its class mean."""
+def digits_problem(seed: int, n: dict[Split, int] | None = None, encoder: str = "digits") -> Problem:
+    """The default job: a shipped digits encoder on generated digits (site, rotation, stroke width). The detail is
+    the writer: the first principal components of the source 8x8 digit minus its class mean.
+
+    encoder: "digits" (the job's, trained with digit labels) or "digits_label_free" (never read a digit label)."""
     from dmm_wrap import load_digits_encoder
     from dmm_wrap.apps.digits import SyntheticDigits
     from dmm_wrap.apps.pretrained import DIGITS_ENCODER_LAYER
 
     n = n or DIGITS_SIZES
-    backbone = load_digits_encoder()
+    backbone = load_digits_encoder(name=encoder)
     attributes = SyntheticDigits("train", 8).attributes
 
     def sample(split: Split) -> SplitData:
@@ -202,7 +204,7 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
     # reads the job's 8,192 validation images (until 2026-12-01 the suite gave it 2,048: FitConfig's default).
     options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.9, "estimator_steps": 5, "ema_decay": 0.995,
                "select_samples": 8192}
-    return Problem("digits", backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
+    return Problem(encoder, backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
                    fit_options=options)
 
 
@@ -239,6 +241,8 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "continuous": _vector("continuous"),
     "conv": lambda seed, train_scale=1: conv_problem(seed, scaled(CONV_SIZES, train_scale)),
     "digits": lambda seed, train_scale=1: digits_problem(seed, scaled(DIGITS_SIZES, train_scale)),
+    "digits_label_free": lambda seed, train_scale=1: digits_problem(seed, scaled(DIGITS_SIZES, train_scale),
+                                                                     "digits_label_free"),
 }
 """Problem builders by name, each taking the seed that draws its data (and its random encoder) and `train_scale`, the
 size of the train split (what every method is fitted on) as a multiple of the probe split's."""

@@ -118,6 +118,11 @@ class HeadConfig:
     align_head_maps: AlignMaps | None = None
     """The alignment head's per-piece maps (set with `align_head_pieces`)."""
 
+    align_head_groups: list[int] | None = None
+    """Set with `align_head_pieces` when the head aligns joint groups (`fit_alignment_head(joint=True)`, and
+    whenever an attribute is continuous): the group count of each stage (one stage: every combination of the
+    attributes' classes and bins). None: one stage per attribute, its classes."""
+
     def __post_init__(self) -> None:
         check_fields(self)
         for key in ("h_layers", "m_layers"):
@@ -141,6 +146,10 @@ class HeadConfig:
             if not self.align_head_pieces or min(self.align_head_pieces) < 1:
                 raise ValueError(f"HeadConfig.align_head_pieces must list one int >= 1 per attribute, got "
                                  f"{self.align_head_pieces!r}.")
+            groups = self.align_head_groups
+            if groups is not None and (len(groups) != len(self.align_head_pieces) or min(groups) < 1):
+                raise ValueError(f"HeadConfig.align_head_groups must list one int >= 1 per stage of "
+                                 f"align_head_pieces ({self.align_head_pieces!r}), got {groups!r}.")
             if self.out_dim is not None:
                 raise ValueError(f"An alignment head keeps the feature width, so out_dim must be None (build the "
                                  f"encoder without it), got {self.out_dim!r}.")

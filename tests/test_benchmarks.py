@@ -217,3 +217,22 @@ def test_head_dmm_trains_deepminmax_on_the_fixed_head_s_output() -> None:
     with pytest.raises(SystemExit, match="categorical attribute"):
         suite.fit_variant("head_dmm", PROBLEMS["continuous"](0), PROBLEMS["continuous"](0).sample("train"), 0, {},
                           0.05, 1)
+
+
+def test_label_free_digits_problem_is_the_same_data_behind_the_label_free_encoder() -> None:
+    """digits_label_free draws exactly the digits problem's samples and feeds them to the shipped encoder that never
+    read a digit label: the inputs match, the features do not."""
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    from problems import digits_problem
+
+    sizes = dict.fromkeys(("train", "val", "test", "select", "probe"), 8)
+    job, free = digits_problem(0, sizes), digits_problem(0, sizes, "digits_label_free")  # type: ignore[arg-type]
+    assert (job.name, free.name) == ("digits", "digits_label_free")
+    a, b = job.sample("val"), free.sample("val")
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.attrs, b.attrs) and torch.equal(a.detail, b.detail)
+    with torch.no_grad():
+        za = job.backbone.forward_features(a.inputs)
+        zb = free.backbone.forward_features(b.inputs)
+    assert za.shape == zb.shape and not torch.allclose(za, zb)

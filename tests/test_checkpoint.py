@@ -282,6 +282,7 @@ def test_rng_capture_and_restore_round_trip() -> None:
 def test_cli_resume_continues_the_run(tmp_path: Path) -> None:
     config = str(ROOT / "configs" / "synthetic_digits.yaml")
     common = ["--output-dir", str(tmp_path), "--set", "fit.progress=false", "--set", "fit.checkpoint_every=2",
+              "--set", "method=deepminmax",
               "--set", "eval.tsne_samples=0", "--set", "eval.smoke_samples=128"]
     assert main(["fit", config, "--max-steps", "2", *common]) == 0
     assert [p.name for p in Checkpointer(tmp_path / "checkpoints", 2).paths()] == ["checkpoint-000000002.safetensors"]

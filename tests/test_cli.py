@@ -45,7 +45,8 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Ten
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DebiasedEncoder, "save_pretrained", recording)
-        status = main(["fit", DEFAULT, "--max-steps", "5", "--output-dir", str(out), "--set", "fit.progress=false"])
+        status = main(["fit", DEFAULT, "--max-steps", "5", "--output-dir", str(out), "--set", "fit.progress=false",
+                       "--set", "method=deepminmax"])
     assert status == 0 and len(reference) == 1
     return out, reference[0]
 
@@ -209,7 +210,8 @@ def test_user_errors_exit_2_in_one_line_but_bugs_show_their_traceback(tmp_path: 
     assert main(["fit", str(bad), "--output-dir", str(out)]) == 2
     assert capsys.readouterr().err == one_line
 
-    fit = ["fit", DEFAULT, "--max-steps", "1", "--output-dir", str(out), "--set", "fit.progress=false"]
+    fit = ["fit", DEFAULT, "--max-steps", "1", "--output-dir", str(out), "--set", "fit.progress=false",
+           "--set", "method=deepminmax"]
     for error in (ConfigError("data.root: injected"), ValueError("injected"), TypeError("injected"),
                   OSError(5, "injected"), FileNotFoundError(2, "injected", "x"), KeyError("injected")):
         def broken(*args: object, error: Exception = error, **kwargs: object) -> None:
@@ -252,7 +254,8 @@ def test_subcommand_table_is_extensible() -> None:
 
 def test_seeded_runs_are_reproducible(tmp_path: Path) -> None:
     fast = ["--max-steps", "3", "--set", "fit.stats_batches=2", "--set", "fit.progress=false",
-            "--set", "eval.max_samples=64", "--set", "eval.tsne_samples=0", "--set", "eval.leace=false"]
+            "--set", "method=deepminmax", "--set", "eval.max_samples=64", "--set", "eval.tsne_samples=0",
+            "--set", "eval.leace=false"]
     for name in ("a", "b"):
         assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / name), *fast]) == 0
     a, b = (json.loads((tmp_path / n / "history.json").read_text()) for n in ("a", "b"))
@@ -267,7 +270,8 @@ def test_validation_split_selects_the_saved_model(tmp_path: Path) -> None:
     and the report says which step that was."""
     out = tmp_path / "run"
     fast = ["--max-steps", "5", "--set", "fit.stats_batches=2", "--set", "fit.progress=false",
-            "--set", "eval.max_samples=64", "--set", "eval.tsne_samples=0", "--set", "eval.leace=false",
+            "--set", "method=deepminmax", "--set", "eval.max_samples=64", "--set", "eval.tsne_samples=0",
+            "--set", "eval.leace=false",
             "--set", "data.num_val=64", "--set", "fit.select_every=2"]
     assert main(["fit", DEFAULT, "--output-dir", str(out), *fast]) == 0
     history = json.loads((out / "history.json").read_text())
@@ -444,7 +448,7 @@ def test_audit_bad_input_exits_2(smoke_run: tuple[Path, torch.Tensor], tmp_path:
 
 def test_sweep_writes_one_run_per_value_and_the_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["sweep", DEFAULT, "fit.lam=0.2,0.8", "--max-steps", "2", "--output-dir", str(tmp_path), *FAST_EVAL,
-                 "--set", "eval.max_samples=96"]) == 0
+                 "--set", "eval.max_samples=96", "--set", "method=deepminmax"]) == 0
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["key"] == "fit.lam" and data["values"] == [0.2, 0.8] and data["complete"] is True
     assert [r["value"] for r in data["runs"]] == [0.2, 0.8] and [r["label"] for r in data["runs"]] == ["lam=0.2",
@@ -481,3 +485,23 @@ def test_sweep_bad_input_exits_2_before_any_run(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert err.startswith("dmm-wrap: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_fit_with_the_alignment_head_saves_a_model_that_reloads_and_evaluates(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """method: alignment_head fits `fit_alignment_head` (joint groups: the job has continuous attributes) in one pass
+    instead of the training loop: no history, the model reloads with the same outputs, and the report says what
+    h_theta is."""
+    out = tmp_path / "head"
+    status = main(["fit", DEFAULT, "--max-steps", "5", "--output-dir", str(out), *FAST_EVAL,
+                   "--set", "method=alignment_head", "--set", "data.num_train=2048", "--set", "data.num_val=0",
+                   "--set", "alignment_head.samples=1024", "--set", "alignment_head.clusters=2"])
+    assert status == 0
+    assert not (out / "history.json").exists() and (out / "metrics.json").is_file()
+    model = DebiasedEncoder.from_pretrained(out / "model")
+    assert model.head_config.align_head_groups == [48] and model.head_config.align_head_pieces == [2]  # 3 x 4 x 4
+    assert "alignment head" in (out / "report.md").read_text()
+    assert load_run_config(out / "config.yaml").method == "alignment_head"
+    assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / "bad"), "--set", "alignment_head.bins=1"]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert "alignment_head: samples must be >= 2, clusters None or >= 1 and bins >= 2" in capsys.readouterr().err

@@ -166,6 +166,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path: Path) 
 
 def test_torchrun_cli_trains_on_shards_and_only_rank0_writes(tmp_path: Path) -> None:
     common = ["fit", "configs/synthetic_digits.yaml", "--max-steps", "3", "--set", "fit.progress=false",
+              "--set", "method=deepminmax",
               "--set", "eval.tsne_samples=0", "--set", "eval.smoke_samples=128", "--set", "fit.checkpoint_every=2"]
     run = _torchrun(2, "-m", "dmm_wrap", *common, "--output-dir", str(tmp_path / "ddp"))
     assert run.stdout.count("Wall time") == 1  # only rank 0 evaluates and prints

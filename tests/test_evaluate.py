@@ -178,7 +178,7 @@ def test_report_says_met_and_not_met() -> None:
     assert "**MET**: dmm MLP-probe R2 of tilt <= 0.1 — measured 0.050, target 0.100" in text
     assert "![tsne](tsne.png)" in text
     table = format_table(metrics)
-    assert "site bal. acc MLP" in table and "tilt R² linear" in table and "DeepMinMax" in table
+    assert "site bal. acc MLP" in table and "tilt R² linear" in table and "debiased Z~" in table
 
 
 def test_probe_survives_a_class_seen_once() -> None:

@@ -61,7 +61,7 @@ BASE_INSTALL = textwrap.dedent("""
 def test_fit_runs_on_a_base_install_and_names_the_extras(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", BASE_INSTALL, ",".join(OPTIONAL), "fit", DEFAULT, "--max-steps", "5",
-           "--output-dir", str(out), "--set", "fit.progress=false"]
+           "--output-dir", str(out), "--set", "fit.progress=false", "--set", "method=deepminmax"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -120,7 +120,7 @@ def test_fit_reports_the_unseen_site(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["fit", "configs/synthetic_digits.yaml", "--max-steps", "3", "--output-dir", str(out),
             "--set", "data.num_sites=4", "--set", "data.train_sites=[0, 1, 2]", "--set", "data.num_val=0",
-            "--set", "eval.tsne_samples=0", "--set", "fit.progress=false"]
+            "--set", "eval.tsne_samples=0", "--set", "fit.progress=false", "--set", "method=deepminmax"]
     data, transfer = _fit_run(args, out, "site", [3])
     assert list(transfer["methods"]) == ["raw", "leace", "dmm"]
     # Leakage is scored on the rows of sites a probe could have learnt: chance 1/3, not 1/4.

@@ -161,7 +161,8 @@ def test_new_run_refuses_a_folder_with_checkpoints_unless_told(tmp_path: Path) -
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
     """A short CLI fit; returns its folder, its options and the names os.replace moved into it."""
     out = tmp_path_factory.mktemp("run")
-    common = ["--max-steps", "2", "--output-dir", str(out), "--set", "fit.progress=false", "--set",
+    common = ["--max-steps", "2", "--output-dir", str(out), "--set", "fit.progress=false", "--set", "method=deepminmax",
+              "--set",
               "fit.stats_batches=2", "--set", "eval.max_samples=64", "--set", "eval.smoke_samples=64", "--set",
               "eval.tsne_samples=0", "--set", "eval.leace=false"]
     replaced: list[str] = []

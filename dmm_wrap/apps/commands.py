@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import sys
 import time
@@ -91,6 +92,11 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
         notes.append(f"The leakage probes were trained on {len(probe.raw)} held-out probe samples that neither fit "
                      "nor model selection saw; the task classifier and LEACE on the train samples.")
     notes += skipped
+    if history is None and model.head_config.align_head_pieces is not None:
+        head = model.head_config
+        notes.append(f"h_theta is the alignment head (`fit_alignment_head`): {head.align_head_pieces} pieces per "
+                     f"group of {head.align_head_groups or [a.num_classes for a in data.attributes]} groups, each "
+                     "group predicted from Z; no training loop.")
     if history is not None:
         notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
                      f"estimator_steps={cfg.fit.estimator_steps})"
@@ -137,18 +143,37 @@ def fit_and_evaluate(cfg: RunConfig, start: float) -> Metrics | None:
                 torch.manual_seed(cfg.seed)
             model = build_model(cfg, data.attributes)
             model.vocabulary = data.vocabulary  # saved with the model: eval reads its data with the same ids
-            history = model.fit(data.train, config=fit_cfg, val_loader=data.val)
+            history = _fit_model(cfg, model, data, fit_cfg)
             # Every rank has finished training: leave the group together now, so that no rank waits (and times
             # out) in a collective while rank 0 evaluates, which needs no communication.
             distributed.shutdown(sync=True)
             if main_process:
                 out.mkdir(parents=True, exist_ok=True)
                 folder = model.save_pretrained(out / "model")
-                write_text_atomically(out / "history.json", json.dumps(history.as_dict()) + "\n")
+                if history is not None:
+                    write_text_atomically(out / "history.json", json.dumps(history.as_dict()) + "\n")
                 metrics = evaluate_run(cfg, model, data, out, start, history, folder / WEIGHTS_NAME)
     finally:
         distributed.shutdown(sync=False)  # after an error (another rank may never arrive); no-op otherwise
     return metrics
+
+
+def _fit_model(cfg: RunConfig, model: DebiasedEncoder, data: RunData, fit_cfg: Any) -> FitHistory | None:
+    """Train DeepMinMax (its history), or fit the alignment head in one pass (no history), as cfg.method says."""
+    if cfg.method == "deepminmax":
+        return model.fit(data.train, config=fit_cfg, val_loader=data.val)
+    if distributed.world_size() > 1:
+        raise ConfigError("method: alignment_head is fitted in one process (one pass over the loader); run it "
+                          "without torchrun.")
+    if fit_cfg.device is not None:
+        model.to(fit_cfg.device)
+    a, loader, samples = cfg.alignment_head, data.train, cfg.alignment_head.samples
+    if cfg.fit.max_steps is not None:  # a smoke run: read at most max_steps batches, as training would
+        loader = itertools.islice(data.train, cfg.fit.max_steps)
+        samples = min(samples, cfg.fit.max_steps * cfg.data.batch_size)
+    model.fit_alignment_head(loader, clusters=a.clusters, samples=samples, maps=a.maps, seed=cfg.seed or 0,
+                             stream=a.stream, shrinkage=a.shrinkage, joint=a.joint, bins=a.bins)
+    return None
 
 
 def _model_folder(name: str) -> Path:
@@ -234,6 +259,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     # Every run's config is checked before the first one starts: a bad value fails now, not after hours.
     configs = [load_run_config(args.config, [*overrides, (spec.key, value), ("output_dir", str(out / folder))])
                for value, folder in zip(spec.values, folders)]
+    if configs[0].method == "alignment_head" and spec.key.startswith("fit.") and spec.key != "fit.device":
+        raise ConfigError(f"{spec.key}: this config fits the alignment head (method: alignment_head), which reads no "
+                          f"training option of fit; add --set method=deepminmax to sweep DeepMinMax's {spec.key}.")
     if configs[0].data.kind in ("image_csv", "hf_dataset") and configs[0].data.label_column is None:
         raise ConfigError("data.label_column: the sweep's figure puts task accuracy on x, which needs task labels.")
     sweep = Sweep(spec.key, spec.values)

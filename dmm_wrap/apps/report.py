@@ -23,8 +23,9 @@ from .transfer import GROUPS
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-METHOD_TITLES = {"raw": "raw Z", "leace": "LEACE", "dmm": "DeepMinMax Z~"}
-"""How each method is named in tables and figures."""
+METHOD_TITLES = {"raw": "raw Z", "leace": "LEACE", "dmm": "debiased Z~"}
+"""How each method is named in tables and figures; "dmm" is the model's output, whether h_theta was trained by
+DeepMinMax or is the alignment head (`method: alignment_head`)."""
 
 
 def _fmt(value: float | None) -> str:

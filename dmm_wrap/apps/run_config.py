@@ -1,6 +1,7 @@
 """The YAML run configuration of the CLI: typed sections, strict validation, and `--set KEY=VALUE` overrides.
 
-A run file has the sections `data`, `model`, `fit`, `eval`, `audit` and the key `output_dir`. Every value is checked
+A run file has the sections `data`, `model`, `fit`, `alignment_head`, `eval`, `audit` and the keys `method` and
+`output_dir`. Every value is checked
 against the annotation of its dataclass field, and every error names the full key path, e.g.
 "fit.lrr: unknown key; did you mean 'lr'?" or "fit.epochs: expected int, got str 'ten'".
 
@@ -22,14 +23,15 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import (Attribute, ConfigError, EvalConfig, FitConfig, HeadConfig, MissingFileError, Pooling,
-                      check_fields, got, validate)
+from ..config import (AlignMaps, AlignShrinkage, Attribute, ConfigError, EvalConfig, FitConfig, HeadConfig,
+                      MissingFileError, Pooling, check_fields, check_shrinkage, got, validate)
 from ..inference import IMAGENET_MEAN, IMAGENET_STD
 from ..io.serialization import write_text_atomically
 from .leakage import AuditConfig
 from .pretrained import DIGITS_ENCODERS
 
 DataKind = Literal["synthetic_digits", "image_csv", "camelyon17", "hf_dataset"]
+Method = Literal["deepminmax", "alignment_head"]
 
 OPTION_KEYS: dict[str, str] = {"output_dir": "output_dir", "max_steps": "fit.max_steps", "device": "fit.device",
                                "resume": "fit.resume", "overwrite": "fit.overwrite_checkpoints"}
@@ -225,6 +227,41 @@ class ModelConfig:
 
 
 @dataclass
+class AlignHeadConfig:
+    """With `method: alignment_head`, `dmm-wrap fit` fits the alignment head (`DebiasedEncoder.fit_alignment_head`,
+    one pass, no training loop) on the training loader instead of training DeepMinMax; these are its options."""
+
+    samples: int = 8192
+    """Rows the pieces, their matching and the group predictor are fitted on (held in memory: samples x feature
+    width floats); with `stream`, the maps are then re-estimated from every training row."""
+
+    clusters: int | None = None
+    """Pieces per group; None: the silhouette score's count."""
+
+    bins: int = 4
+    """Quantile bins of each continuous attribute in the joint groups."""
+
+    joint: bool | None = None
+    """Align every combination of the attributes' classes and bins as one group; None: when one is continuous."""
+
+    maps: AlignMaps | None = None
+    """Per-piece maps, "full", "diagonal" or "shift"; None: full up to 256 features."""
+
+    shrinkage: AlignShrinkage = "oas"
+    """Covariance shrinkage of each piece: "oas" or a fraction in [0, 1]."""
+
+    stream: bool = True
+    """Re-estimate the maps from every training row (one pass) after fitting the pieces on `samples`."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.samples < 2 or (self.clusters is not None and self.clusters < 1) or self.bins < 2:
+            raise ConfigError(f"samples must be >= 2, clusters None or >= 1 and bins >= 2, got "
+                              f"samples={self.samples!r}, clusters={self.clusters!r}, bins={self.bins!r}.")
+        check_shrinkage(self.shrinkage, "shrinkage")
+
+
+@dataclass
 class RunConfig:
     """One CLI run: data, model, training, evaluation, and where the outputs go."""
 
@@ -234,8 +271,15 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Backbone, layer, pooling and heads."""
 
+    method: Method = "deepminmax"
+    """What `dmm-wrap fit` fits: "deepminmax" (`DebiasedEncoder.fit`, the `fit` section) or "alignment_head"
+    (`DebiasedEncoder.fit_alignment_head`, the `alignment_head` section; `fit.device` still applies)."""
+
     fit: FitConfig = field(default_factory=FitConfig)
     """Options of `DebiasedEncoder.fit` (epochs, max_steps, lr, lam, device, ...)."""
+
+    alignment_head: AlignHeadConfig = field(default_factory=AlignHeadConfig)
+    """Options of the alignment head, read with `method: alignment_head`."""
 
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Probe settings of the evaluation (and of `dmm-wrap audit`)."""
@@ -360,5 +404,5 @@ def write_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     return write_text_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["RunConfig", "DataConfig", "ModelConfig", "ConfigError", "OPTION_KEYS", "load_run_config",
+__all__ = ["RunConfig", "DataConfig", "ModelConfig", "AlignHeadConfig", "ConfigError", "OPTION_KEYS", "load_run_config",
            "parse_override", "apply_overrides", "read_yaml", "write_run_config", "to_plain"]

@@ -261,7 +261,8 @@ def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, .
             linear.weight.copy_(torch.from_numpy(coef))
             linear.bias.copy_(torch.from_numpy(bias))
         predictors.append(linear)
-        x = stage(x, b[:, k].float().cpu())
+        if k < len(attributes) - 1:
+            x = stage(x, b[:, k].float().cpu())
     return PredictedAlignment(alignment, predictors)
 
 
@@ -303,7 +304,8 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         stage = _fit_stage(x, groups, count, present, pieces, attr.kind == "continuous", maps, seed, shrinkage,
                            None if edges is None else torch.from_numpy(edges).float())
         stages.append(stage)
-        x = stage(torch.from_numpy(x).float(), torch.from_numpy(col).float()).double().numpy()
+        if k < len(attributes) - 1:  # the next stage's input (a [N, D, D] gather with full maps: skip it after the last)
+            x = stage(torch.from_numpy(x).float(), torch.from_numpy(col).float()).double().numpy()
     return PiecewiseAlignment(stages)
 
 

@@ -59,10 +59,11 @@ class DeepMinMax(nn.Module):
         out_dim = cfg.out_dim or feature_dim
         self.out_dim = out_dim
         if cfg.align_head_pieces is not None:
-            require_categorical(attributes)
-            self.h: nn.Module = PredictedAlignment.empty(
-                feature_dim, [int(a.num_classes or 0) for a in attributes], list(cfg.align_head_pieces),
-                cfg.align_head_maps or default_maps(feature_dim))
+            if cfg.align_head_groups is None:
+                require_categorical(attributes)
+            groups = cfg.align_head_groups or [int(a.num_classes or 0) for a in attributes]
+            self.h: nn.Module = PredictedAlignment.empty(feature_dim, list(groups), list(cfg.align_head_pieces),
+                                                         cfg.align_head_maps or default_maps(feature_dim))
         else:
             h = mlp(feature_dim, cfg.h_hidden or feature_dim, out_dim, cfg.h_layers)
             self.h = Residual(h) if cfg.residual else h

@@ -8,13 +8,14 @@ feature extractor, heads and head config.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, get_args
 
 import torch
 
-from ..config import AlignMaps, AlignShrinkage, check_shrinkage
+from ..config import AlignMaps, AlignShrinkage, Attribute, check_shrinkage
 from ..core.alignment import PredictedAlignment, fit_predicted_alignment, require_categorical
+from ..core.joint import JointGroups
 from ..core.moments import PieceMoments, refit_maps
 from ..data.batches import iterate_batches
 
@@ -32,7 +33,8 @@ class AlignmentHeadMixin:
 
     def fit_alignment_head(self, loader: Iterable, *, clusters: int | list[int] | None = None, samples: int = 8192,
                            maps: AlignMaps | None = None, seed: int = 0, stream: bool = True,
-                           shrinkage: AlignShrinkage = "oas") -> PredictedAlignment:
+                           shrinkage: AlignShrinkage = "oas", joint: bool | None = None,
+                           bins: int = 4) -> PredictedAlignment:
         """Make h_theta a fitted alignment that needs no B at inference, instead of training the MLP with `fit`.
 
         Reads `samples` rows of `(inputs, attrs)` batches through the frozen backbone, standardises them, fits the
@@ -41,8 +43,10 @@ class AlignmentHeadMixin:
         attribute and `stream` (the default), it then reads the rest of the loader once and re-estimates every
         piece's mean and map from all the rows it read, accumulated batch by batch (`PieceMoments`: groups x pieces
         x D^2 floats, no rows kept); the pieces, their matching and the predictor stay the sample's.
-        Categorical attributes; it suits one a linear model reads from Z (a tint, a stain): where it is not, a wrong
-        prediction applies another group's map (`benchmarks/alignment_target.py`). Fit it on many more rows than a
+        With `joint`, every combination of the attributes' classes and bins is one group of one stage (so streamed
+        too); otherwise they are aligned one after the other. It suits attributes a linear model reads from Z (a
+        tint, a stain, a rotation the encoder encodes): where one is not, a wrong prediction applies another
+        group's map (`benchmarks/alignment_target.py`). Fit it on many more rows than a
         probe gets: on the suite's conv problem a fresh probe trained on 1,500 others reads the site at 0.461 when
         the head was fitted on as many, 0.354 on 4x (chance 0.333, raw 1.000; test split, seeds 0-2). The model
         then saves, loads and runs as any other; `fit` refuses it.
@@ -57,6 +61,10 @@ class AlignmentHeadMixin:
                 [N, D, D] tensor per batch at inference (about 270 MB for 1,024 rows of 256 features): use smaller
                 batches, or "diagonal".
             seed: k-means seed.
+            joint: align the joint groups (`dmm_wrap.core.joint`; None: when an attribute is continuous, which
+                False refuses). On digits (site, rotation, width) they removed all three; one after the other
+                broke the digit (README, "Leakage benchmark suite").
+            bins: quantile bins of each continuous attribute in the joint groups (edges from the sample).
             shrinkage: each piece's covariance is shrunk towards its mean variance before its map is fitted: by the
                 Oracle Approximating Shrinkage fraction of its own row count ("oas", the default: little for pieces
                 of many rows, more for few rows in many dimensions), or by a fixed fraction in [0, 1]. On the
@@ -70,22 +78,17 @@ class AlignmentHeadMixin:
             >>> encoder.fit_alignment_head(loader, clusters=4)
             >>> z_tilde = encoder(images)
         """
-        require_categorical(self.attributes)
-        _check_arguments(len(self.attributes), clusters, samples, maps, stream, shrinkage)
+        if joint is None:
+            joint = any(a.kind != "categorical" for a in self.attributes)
+        if not joint:
+            require_categorical(self.attributes)
+        stages = 1 if joint else len(self.attributes)
+        _check_arguments(stages, clusters, samples, maps, stream, shrinkage, joint, bins)
         # HeadConfig's own check that the head fits this encoder (out_dim), before the backbone pass.
-        dataclasses.replace(self.head_config, align_head_pieces=[1] * len(self.attributes))
+        dataclasses.replace(self.head_config, align_head_pieces=[1] * stages)
         device = self.device
-        zs, bs, n = [], [], 0
         batches = iterate_batches(loader, self.attributes, self.extractor, device, None)
-        for z, b in batches:
-            zs.append(z.cpu())
-            bs.append(b.cpu())
-            n += len(z)
-            if n >= samples:
-                break
-        if n < 2:
-            raise ValueError(f"The loader gave {n} rows; fit_alignment_head needs at least 2 (and a few per piece).")
-        read = (torch.cat(zs), torch.cat(bs))
+        read = _read_sample(batches, samples)
         z, b = read[0][:samples], read[1][:samples]
         if self.heads is None:
             self._build_heads(z.shape[1])
@@ -94,12 +97,14 @@ class AlignmentHeadMixin:
             mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
         else:
             mean, std = torch.zeros(z.shape[1]), torch.ones(z.shape[1])
-        head = fit_predicted_alignment((z - mean) / std, b, self.attributes, clusters, maps, seed, shrinkage)
-        if stream and len(self.attributes) == 1 and n >= samples:
-            _refit_from_stream(head, read, batches, mean, std, shrinkage)
+        groups, attributes, b = _stage_groups(b, self.attributes, joint, bins)
+        head = fit_predicted_alignment((z - mean) / std, b, attributes, clusters, maps, seed, shrinkage)
+        if stream and len(attributes) == 1 and len(read[0]) >= samples:
+            _refit_from_stream(head, read, batches, mean, std, shrinkage, groups)
         self.head_config = dataclasses.replace(
             self.head_config, align_head_pieces=[int(st.centroids.shape[1]) for st in head.alignment.stages],
-            align_head_maps=head.alignment.stages[0].maps)
+            align_head_maps=head.alignment.stages[0].maps,
+            align_head_groups=[int(st.centroids.shape[0]) for st in head.alignment.stages] if joint else None)
         heads.cfg = self.head_config
         heads.feature_mean.copy_(mean)
         heads.feature_std.copy_(std)
@@ -108,15 +113,46 @@ class AlignmentHeadMixin:
         return head
 
 
+def _stage_groups(b: torch.Tensor, attributes: tuple[Attribute, ...], joint: bool, bins: int
+                  ) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple[Attribute, ...], torch.Tensor]:
+    """What the alignment is fitted on: the map from a batch's attribute rows to the single stage's groups (used
+    when streaming), the stages' attributes, and the sample's class ids: the attributes as they are, or their joint
+    groups as one attribute (edges of the bins from the sample b)."""
+    if not joint:
+        return (lambda cols: cols[:, 0]), attributes, b
+    joined = JointGroups.fit(b, attributes, bins)
+    return joined, (joined.attribute(),), joined(b)[:, None]
+
+
+def _read_sample(batches: Iterator, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Z, B) of the first batches, on the CPU, until `samples` rows are read (the last batch whole)."""
+    zs, bs, n = [], [], 0
+    for z, b in batches:
+        zs.append(z.cpu())
+        bs.append(b.cpu())
+        n += len(z)
+        if n >= samples:
+            break
+    if n < 2:
+        raise ValueError(f"The loader gave {n} rows; fit_alignment_head needs at least 2 (and a few per piece).")
+    return torch.cat(zs), torch.cat(bs)
+
+
 def _check_arguments(attributes: int, clusters: object, samples: object, maps: object, stream: object,
-                     shrinkage: object) -> None:
-    """Raise, with what was expected, on a bad argument of `fit_alignment_head` (before the backbone pass)."""
+                     shrinkage: object, joint: object, bins: object) -> None:
+    """Raise, with what was expected, on a bad argument of `fit_alignment_head` (before the backbone pass);
+    `attributes` is the number of stages (1 for joint groups)."""
+    if not isinstance(joint, bool):
+        raise ValueError(f"joint must be True, False or None, got {joint!r}.")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be an int >= 2 (quantile bins of each continuous attribute), got {bins!r}.")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an int >= 2, got {samples!r}.")
     counts = clusters if isinstance(clusters, list) else [clusters]
     if (isinstance(clusters, list) and len(clusters) != attributes) or not all(
             c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 1) for c in counts):
-        raise ValueError(f"clusters must be None, an int >= 1 or a list of one per attribute ({attributes}), got "
+        raise ValueError(f"clusters must be None, an int >= 1 or a list of one per stage ({attributes}: one per "
+                         f"attribute, or 1 for joint groups), got "
                          f"{clusters!r}.")
     if not isinstance(stream, bool):
         raise ValueError(f"stream must be True or False, got {stream!r}.")
@@ -126,14 +162,16 @@ def _check_arguments(attributes: int, clusters: object, samples: object, maps: o
 
 
 def _refit_from_stream(head: PredictedAlignment, read: tuple[torch.Tensor, torch.Tensor], batches: Iterator,
-                       mean: torch.Tensor, std: torch.Tensor, shrinkage: AlignShrinkage) -> None:
+                       mean: torch.Tensor, std: torch.Tensor, shrinkage: AlignShrinkage,
+                       groups: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Re-estimate the single stage's maps from every row: those already `read` (the sample's included) and the rest
-    of `batches`, whose moments are accumulated batch by batch; the pieces and their matching stay the sample's."""
+    of `batches`, whose moments are accumulated batch by batch; the pieces and their matching stay the sample's.
+    `groups` maps a batch's attribute rows to the stage's group ids."""
     stage = head.alignment.stages[0]
     moments = PieceMoments(stage)
-    moments.add(stage, (read[0] - mean) / std, read[1][:, 0])
+    moments.add(stage, (read[0] - mean) / std, groups(read[1]))
     for z, b in batches:
-        moments.add(stage, (z.cpu() - mean) / std, b.cpu()[:, 0])
+        moments.add(stage, (z.cpu() - mean) / std, groups(b.cpu()))
     refit_maps(stage, moments, shrinkage)
 
 
