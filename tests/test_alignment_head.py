@@ -298,6 +298,8 @@ def test_a_joint_head_saves_and_loads_with_its_group_count(joint_fitted, tmp_pat
     encoder.save_pretrained(tmp_path / "m")
     head = json.loads((tmp_path / "m" / "config.json").read_text())["head"]
     assert head["align_head_groups"] == [12] and head["align_head_pieces"] == [4]
+    card = (tmp_path / "m" / "README.md").read_text()  # the card says what h_theta is, not DeepMinMax's CLUB
+    assert "alignment head" in card and "joint group" in card and "CLUB" not in card
     loaded = DebiasedEncoder.from_pretrained(tmp_path / "m", backbone=frozen_encoder())
     with torch.no_grad():
         assert torch.equal(loaded(data["xte"]), encoder(data["xte"]))

@@ -92,12 +92,21 @@ def _description(config: Mapping[str, Any]) -> str:
     backbone = f"{source}:{arch}" + (f" with pretrained weights `{tag}`" if tag else " (weights in this repo)")
     if source == "custom":
         backbone = f"a custom `{arch}` module"
+    features = (f"The backbone is {backbone} and stays frozen. Its output at layer "
+                f"`{config['layer'] or '(model output)'}`, {config['pool']}-pooled to {config['feature_dim']} "
+                f"features, is mapped")
+    head = config.get("head", {})
+    if head.get("align_head_pieces") is not None:
+        groups = head.get("align_head_groups")
+        return (f"A debiased encoder made with `dmm_wrap`'s alignment head. {features} by a fitted piecewise "
+                f"alignment to {config['out_dim']} debiased features Z~: each "
+                + ("joint group of the attributes' classes and bins" if groups else "attribute group")
+                + " is predicted from Z, and its pieces are moved onto the pooled pieces by their Gaussian maps, so "
+                "Z~ needs no attribute at inference.")
     return (
-        f"A DeepMinMax (Han, Wang, Long, Peng, AAAI-22) debiased encoder made with `dmm_wrap`. The backbone is "
-        f"{backbone} and stays frozen. Its output at layer `{config['layer'] or '(model output)'}`, "
-        f"{config['pool']}-pooled to {config['feature_dim']} features, is mapped by a trained network h_theta to "
-        f"{config['out_dim']} debiased features Z~ from which the attributes below were removed: the mutual "
-        "information I(B; Z~) is minimised with CLUB while Z is kept recoverable from Z~ and B."
+        f"A DeepMinMax (Han, Wang, Long, Peng, AAAI-22) debiased encoder made with `dmm_wrap`. {features} by a "
+        f"trained network h_theta to {config['out_dim']} debiased features Z~ from which the attributes below were "
+        "removed: the mutual information I(B; Z~) is minimised with CLUB while Z is kept recoverable from Z~ and B."
     )
 
 
