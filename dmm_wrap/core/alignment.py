@@ -180,7 +180,8 @@ class AlignmentTarget(nn.Module):
 
 class PredictedAlignment(nn.Module):
     """h_theta as a fitted alignment that needs no B: T(z, b^(z)), each attribute's value predicted from its stage's
-    input by a linear classifier (argmax), then that stage applied. Categorical attributes only.
+    input by a linear classifier (argmax), then that stage applied. Categorical attributes only: continuous ones
+    enter as bins of joint groups (`dmm_wrap.core.joint`, `fit_alignment_head(joint=True)`).
 
     Where the attribute is linearly readable from Z (a site's tint or stain), the predicted value is the true one and
     the map is the alignment target itself, without the error a distilled MLP adds (`benchmarks/alignment_target.py`).
@@ -216,8 +217,9 @@ def require_categorical(attributes: tuple[Attribute, ...]) -> None:
     continuous = [a.name for a in attributes if a.kind != "categorical"]
     if continuous:
         raise ValueError(f"The alignment head predicts categorical attributes only; {continuous} are continuous. "
-                         "Train the distilled alignment with fit(config=FitConfig.aligned()) instead, or declare "
-                         "them categorical.")
+                         "Align joint groups instead (fit_alignment_head(joint=True), the default with a continuous "
+                         "attribute: bins of each continuous value), or train the distilled alignment with "
+                         "fit(config=FitConfig.aligned()).")
 
 
 def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
