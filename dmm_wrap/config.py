@@ -144,8 +144,8 @@ class HeadConfig:
             )
         if self.align_head_pieces is not None:
             if not self.align_head_pieces or min(self.align_head_pieces) < 1:
-                raise ValueError(f"HeadConfig.align_head_pieces must list one int >= 1 per attribute, got "
-                                 f"{self.align_head_pieces!r}.")
+                raise ValueError(f"HeadConfig.align_head_pieces must list one int >= 1 per stage (one per attribute, "
+                                 f"or one for joint groups), got {self.align_head_pieces!r}.")
             groups = self.align_head_groups
             if groups is not None and (len(groups) != len(self.align_head_pieces) or min(groups) < 1):
                 raise ValueError(f"HeadConfig.align_head_groups must list one int >= 1 per stage of "

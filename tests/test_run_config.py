@@ -193,3 +193,18 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_alignment_head_section_defaults_are_fit_alignment_heads() -> None:
+    """The run file's alignment_head section mirrors fit_alignment_head's keyword arguments: same names, same defaults
+    (seed comes from the run's seed), so the CLI and the API fit the same head unless told otherwise."""
+    import dataclasses
+    import inspect
+
+    from dmm_wrap import DebiasedEncoder
+    from dmm_wrap.apps.run_config import AlignHeadConfig
+
+    params = inspect.signature(DebiasedEncoder.fit_alignment_head).parameters
+    section = {f.name: f.default for f in dataclasses.fields(AlignHeadConfig)}
+    assert set(section) == set(params) - {"self", "loader", "seed"}
+    assert all(section[name] == params[name].default for name in section), section

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AlignShrinkage, Attribute
+from .joint import quantile_edges
 
 MapKind = Literal["full", "diagonal", "shift"]
 AUTO_CLUSTERS = range(2, 13)
@@ -295,7 +296,7 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
             groups, edges = col.astype(int), None
             count = int(attr.num_classes or groups.max() + 1)
         else:
-            edges = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)[1:-1]))
+            edges = quantile_edges(col, bins)
             groups, count = np.searchsorted(edges, col, side="right"), len(edges) + 1
         sizes = np.bincount(groups, minlength=count)
         present = [g for g in range(count) if sizes[g] > 0]
@@ -306,7 +307,7 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         stage = _fit_stage(x, groups, count, present, pieces, attr.kind == "continuous", maps, seed, shrinkage,
                            None if edges is None else torch.from_numpy(edges).float())
         stages.append(stage)
-        if k < len(attributes) - 1:  # the next stage's input (a [N, D, D] gather with full maps: skip it after the last)
+        if k < len(attributes) - 1:  # the next stage's input (a [N, D, D] gather with full maps): not after the last
             x = stage(torch.from_numpy(x).float(), torch.from_numpy(col).float()).double().numpy()
     return PiecewiseAlignment(stages)
 

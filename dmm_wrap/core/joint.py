@@ -23,6 +23,18 @@ from torch import Tensor
 from ..config import Attribute
 
 
+def check_bins(bins: object) -> None:
+    """Raise unless `bins` is a usable count of quantile bins (an int >= 2)."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be an int >= 2 (quantile bins of each continuous attribute), got {bins!r}.")
+
+
+def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """The inner edges of `bins` quantile bins of `values` (fewer where values repeat); a value's bin is
+    `searchsorted(edges, value, side="right")`."""
+    return np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
+
+
 @dataclass
 class JointGroups:
     """The joint group of each row of B: a mixed-radix number of its attributes' classes and bins, in order."""
@@ -34,16 +46,13 @@ class JointGroups:
     @classmethod
     def fit(cls, b: Tensor, attributes: tuple[Attribute, ...], bins: int) -> JointGroups:
         """Quantile edges of each continuous column of b [N, A] (`bins` bins; fewer where values repeat)."""
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"bins must be an int >= 2 (quantile bins of each continuous attribute), got {bins!r}.")
+        check_bins(bins)
         edges: list[Tensor | None] = []
         for k, attr in enumerate(attributes):
             if attr.kind == "categorical":
                 edges.append(None)
                 continue
-            col = b[:, k].double().cpu().numpy()
-            inner = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)[1:-1]))
-            edges.append(torch.from_numpy(inner))
+            edges.append(torch.from_numpy(quantile_edges(b[:, k].double().cpu().numpy(), bins)))
         return cls(attributes, edges)
 
     @property
@@ -76,4 +85,4 @@ class JointGroups:
         return ids
 
 
-__all__ = ["JointGroups"]
+__all__ = ["JointGroups", "check_bins", "quantile_edges"]

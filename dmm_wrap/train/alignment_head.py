@@ -15,7 +15,7 @@ import torch
 
 from ..config import AlignMaps, AlignShrinkage, Attribute, check_shrinkage
 from ..core.alignment import PredictedAlignment, fit_predicted_alignment, require_categorical
-from ..core.joint import JointGroups
+from ..core.joint import JointGroups, check_bins
 from ..core.moments import PieceMoments, refit_maps
 from ..data.batches import iterate_batches
 
@@ -144,8 +144,7 @@ def _check_arguments(attributes: int, clusters: object, samples: object, maps: o
     `attributes` is the number of stages (1 for joint groups)."""
     if not isinstance(joint, bool):
         raise ValueError(f"joint must be True, False or None, got {joint!r}.")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise ValueError(f"bins must be an int >= 2 (quantile bins of each continuous attribute), got {bins!r}.")
+    check_bins(bins)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an int >= 2, got {samples!r}.")
     counts = clusters if isinstance(clusters, list) else [clusters]
