@@ -16,7 +16,8 @@ For each problem of `benchmarks/problems.py` and each seed, the feature sets bel
                  shipped setting: data.num_val)
     head         the alignment head, DebiasedEncoder.fit_alignment_head on the train split: the alignment applied
                  with the attribute predicted from Z, no training loop (--set align_clusters=K gives its pieces;
-                 continuous attributes through joint groups, --set align_bins=B bins each, default 4)
+                 continuous attributes through joint groups, --set align_bins=B bins each, default 4; --set
+                 align_outliers=Q its outliers quantile)
     head_dmm     the alignment head for the problem's categorical attributes (fitted on HEAD_SAMPLES training rows,
                  its maps refit from every row with one such attribute), then dmm_selected for every attribute on its
                  output: the head stays fixed while DeepMinMax trains (--set align_clusters=K, --set
@@ -175,6 +176,8 @@ def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, over
         enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
         start = time.perf_counter()
         shrinkage = {"shrinkage": overrides["align_shrinkage"]} if "align_shrinkage" in overrides else {}
+        if "align_outliers" in overrides:
+            shrinkage["outliers"] = overrides["align_outliers"]
         enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size),
                                clusters=overrides.get("align_clusters"), samples=len(train.inputs), seed=seed,
                                bins=overrides.get("align_bins", 4), **shrinkage)
@@ -369,9 +372,10 @@ def merge_into(path: Path, payload: dict[str, Any], problems: dict[str, Problem]
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE overrides of FitConfig / HeadConfig fields (values parsed as YAML; the configs validate them)."""
+    """KEY=VALUE overrides of FitConfig / HeadConfig fields, and align_outliers (the head's `outliers`; values parsed
+    as YAML; the configs validate them)."""
     out: dict[str, Any] = {}
-    fields = {**FitConfig.__dataclass_fields__, **HeadConfig.__dataclass_fields__}
+    fields = {**FitConfig.__dataclass_fields__, **HeadConfig.__dataclass_fields__, "align_outliers": None}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:

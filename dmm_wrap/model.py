@@ -74,6 +74,7 @@ class DebiasedEncoder(HubMixin, InferenceMixin, AlignmentHeadMixin, nn.Module):
 
     _trained_prefix = "heads."
     _dropped_prefixes = ("extractor._target.",)  # full saves of earlier versions held the hooked layer's tensors twice
+    _defaulted_suffixes = (".radius",)  # alignment heads saved before pieces had a radius map every row (inf)
 
     def __init__(self, backbone: nn.Module | str, layer: str | None, attributes: Sequence[Attribute | dict[str, Any]],
                  *, pool: Pooling = "avg", input_size: Sequence[int] | None = None,

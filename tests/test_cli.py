@@ -495,13 +495,18 @@ def test_fit_with_the_alignment_head_saves_a_model_that_reloads_and_evaluates(tm
     out = tmp_path / "head"
     status = main(["fit", DEFAULT, "--max-steps", "5", "--output-dir", str(out), *FAST_EVAL,
                    "--set", "method=alignment_head", "--set", "data.num_train=2048", "--set", "data.num_val=0",
-                   "--set", "alignment_head.samples=1024", "--set", "alignment_head.clusters=2"])
+                   "--set", "alignment_head.samples=1024", "--set", "alignment_head.clusters=2",
+                   "--set", "alignment_head.outliers=0.99"])
     assert status == 0
     assert not (out / "history.json").exists() and (out / "metrics.json").is_file()
     model = DebiasedEncoder.from_pretrained(out / "model")
     assert model.head_config.align_head_groups == [48] and model.head_config.align_head_pieces == [2]  # 3 x 4 x 4
-    assert "alignment head" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "alignment head" in report and "beyond its piece's 0.99 quantile radius" in report
+    assert torch.isfinite(model.heads.h.alignment.stages[0].radius).any()  # the radius was fitted, saved and loaded
     assert load_run_config(out / "config.yaml").method == "alignment_head"
     assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / "bad"), "--set", "alignment_head.bins=1"]) == 2
     assert not (tmp_path / "bad").exists()
     assert "alignment_head: samples must be >= 2, clusters None or >= 1 and bins >= 2" in capsys.readouterr().err
+    assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / "bad"), "--set", "alignment_head.outliers=1.5"]) == 2
+    assert "alignment_head: outliers must be None or a quantile in (0, 1]" in capsys.readouterr().err

@@ -96,7 +96,9 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
         head = model.head_config
         notes.append(f"h_theta is the alignment head (`fit_alignment_head`): {head.align_head_pieces} pieces per "
                      f"group of {head.align_head_groups or [a.num_classes for a in data.attributes]} groups, each "
-                     "group predicted from Z; no training loop.")
+                     "group predicted from Z; no training loop"
+                     + (f"; a row beyond its piece's {cfg.alignment_head.outliers} quantile radius keeps its features."
+                        if cfg.alignment_head.outliers is not None else "; every row is mapped."))
     if history is not None:
         notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
                      f"estimator_steps={cfg.fit.estimator_steps})"
@@ -172,7 +174,8 @@ def _fit_model(cfg: RunConfig, model: DebiasedEncoder, data: RunData, fit_cfg: A
         loader = itertools.islice(data.train, cfg.fit.max_steps)
         samples = min(samples, cfg.fit.max_steps * cfg.data.batch_size)
     model.fit_alignment_head(loader, clusters=a.clusters, samples=samples, maps=a.maps, seed=cfg.seed or 0,
-                             stream=a.stream, shrinkage=a.shrinkage, joint=a.joint, bins=a.bins)
+                             stream=a.stream, shrinkage=a.shrinkage, joint=a.joint, bins=a.bins,
+                             outliers=a.outliers)
     return None
 
 

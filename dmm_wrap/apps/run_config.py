@@ -253,12 +253,18 @@ class AlignHeadConfig:
     stream: bool = True
     """Re-estimate the maps from every training row (one pass) after fitting the pieces on `samples`."""
 
+    outliers: float | None = None
+    """A row farther from its piece's centroid than this quantile of the sample's distances keeps its features
+    (a site never seen in training is not moved by a seen one's maps); None: every row is mapped."""
+
     def __post_init__(self) -> None:
         check_fields(self)
         if self.samples < 2 or (self.clusters is not None and self.clusters < 1) or self.bins < 2:
             raise ConfigError(f"samples must be >= 2, clusters None or >= 1 and bins >= 2, got "
                               f"samples={self.samples!r}, clusters={self.clusters!r}, bins={self.bins!r}.")
         check_shrinkage(self.shrinkage, "shrinkage")
+        if self.outliers is not None and not 0 < self.outliers <= 1:
+            raise ConfigError(f"outliers must be None or a quantile in (0, 1] such as 0.99, got {self.outliers!r}.")
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AlignShrinkage, Attribute
+from .gaussian import gaussian_map, oas_shrinkage, shrink_covariance
 from .joint import quantile_edges
 
 MapKind = Literal["full", "diagonal", "shift"]
@@ -60,6 +61,8 @@ class AlignmentStage(nn.Module):
         self.register_buffer("linear", identity)
         self.register_buffer("edges", edges if edges is not None else torch.zeros(0))
         """Quantile edges of a continuous attribute's bins (empty: categorical, the class id is the group)."""
+        self.register_buffer("radius", torch.full((groups, clusters), float("inf")))
+        """Distance from piece (g, k)'s centroid beyond which a row keeps its features (inf: every row is mapped)."""
 
     def groups_of(self, b: Tensor) -> Tensor:
         """The group of each attribute value: its class id, or its bin of `edges`."""
@@ -69,18 +72,27 @@ class AlignmentStage(nn.Module):
 
     def pieces_of(self, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """Each sample's group (g clamped to the stage's groups) and its nearest piece of that group."""
+        g, k, _ = self._nearest(z, g)
+        return g, k
+
+    def _nearest(self, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`pieces_of`, and each sample's distance to that piece's centroid."""
         g = g.clamp(0, self.centroids.shape[0] - 1)
-        return g, (z[:, None, :] - self.centroids[g]).pow(2).sum(-1).argmin(1)  # not cdist: ONNX has no such op
+        dist, k = (z[:, None, :] - self.centroids[g]).pow(2).sum(-1).min(1)  # not cdist: ONNX has no such op
+        return g, k, dist.sqrt()
 
     def apply(self, z: Tensor, g: Tensor) -> Tensor:
-        """Group g's map of each sample: its nearest piece's mean moved onto the pooled piece's, its shape mapped."""
-        g, k = self.pieces_of(z, g)
+        """Group g's map of each sample: its nearest piece's mean moved onto the pooled piece's, its shape mapped.
+        A sample farther from that piece's centroid than the piece's `radius` keeps its features: it is unlike the
+        rows the map was fitted on (a site never seen, a wrong group prediction), and another piece's map would
+        move it somewhere arbitrary."""
+        g, k, dist = self._nearest(z, g)
         centred = z - self.source_mean[g, k]
         if self.maps == "full":
             moved = torch.einsum("nij,nj->ni", self.linear[g, k], centred)
         else:
             moved = self.linear[g, k] * centred
-        return self.target_mean[g, k] + moved
+        return torch.where((dist > self.radius[g, k])[:, None], z, self.target_mean[g, k] + moved)
 
     def forward(self, z: Tensor, b: Tensor) -> Tensor:
         """The aligned features of samples z [N, D] with this attribute's values b [N]."""
@@ -225,10 +237,10 @@ def require_categorical(attributes: tuple[Attribute, ...]) -> None:
 
 def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
                             maps: MapKind | None, seed: int, shrinkage: AlignShrinkage = "oas",
-                            max_iter: int = 2000) -> PredictedAlignment:
+                            max_iter: int = 2000, outliers: float | None = None) -> PredictedAlignment:
     """Fit the alignment on standardised features z [N, D] and class ids b [N, A], and per attribute a logistic
     regression (scikit-learn, on standardised inputs; the scaling is folded into a `nn.Linear`) that predicts its
-    class from that stage's input."""
+    class from that stage's input. `outliers`: see `fit_alignment`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -241,9 +253,10 @@ def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, .
         absent = sorted(set(range(int(attr.num_classes or 0))) - set(seen))
         if absent:
             warnings.warn(f"Classes {absent} of {attr.name!r} are not in the sample: they are never predicted, and "
-                          "their rows get another class's map. Shuffle the loader or read more samples.",
+                          "their rows get another class's map (with outliers=, only those near its pieces). Shuffle "
+                          "the loader or read more samples.",
                           stacklevel=3)
-    alignment = fit_alignment(z, b, attributes, clusters, 8, maps, seed, shrinkage)
+    alignment = fit_alignment(z, b, attributes, clusters, 8, maps, seed, shrinkage, outliers)
     predictors, x = [], z.detach().float().cpu()
     for k, (attr, stage) in enumerate(zip(attributes, alignment.stages)):
         groups = b[:, k].long().cpu()
@@ -275,7 +288,8 @@ def default_maps(dim: int) -> MapKind:
 
 
 def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
-                  bins: int, maps: MapKind | None, seed: int, shrinkage: AlignShrinkage = 0.1) -> PiecewiseAlignment:
+                  bins: int, maps: MapKind | None, seed: int, shrinkage: AlignShrinkage = 0.1,
+                  outliers: float | None = None) -> PiecewiseAlignment:
     """Fit the alignment on a sample of standardised features z [N, D] and attributes b [N, A] (class ids, values).
 
     Args:
@@ -285,7 +299,10 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         maps: "full" (Gaussian OT map of each piece's covariance), "diagonal" or "shift"; None: `default_maps`.
         shrinkage: each piece's covariance is shrunk towards its mean variance by this fraction (few samples per
             piece in many dimensions), or by the OAS fraction of its sample size ("oas").
+        outliers: a quantile q in (0, 1]: each piece's `radius` is the q-quantile of its rows' distances to its
+            centroid, and a row beyond it keeps its features (None: every row is mapped).
     """
+    check_outliers(outliers)
     x = z.detach().double().cpu().numpy()
     cols = b.detach().double().cpu().numpy()
     maps = maps or default_maps(x.shape[1])
@@ -305,7 +322,7 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         pieces = given or _choose_clusters(x[groups == present[0]], seed)
         pieces = max(1, min(pieces, smallest // 2))
         stage = _fit_stage(x, groups, count, present, pieces, attr.kind == "continuous", maps, seed, shrinkage,
-                           None if edges is None else torch.from_numpy(edges).float())
+                           None if edges is None else torch.from_numpy(edges).float(), outliers)
         stages.append(stage)
         if k < len(attributes) - 1:  # the next stage's input (a [N, D, D] gather with full maps): not after the last
             x = stage(torch.from_numpy(x).float(), torch.from_numpy(col).float()).double().numpy()
@@ -331,7 +348,8 @@ def _choose_clusters(x: np.ndarray, seed: int) -> int:
 
 
 def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int], pieces: int, ordered: bool,
-               maps: MapKind, seed: int, shrinkage: AlignShrinkage, edges: Tensor | None) -> AlignmentStage:
+               maps: MapKind, seed: int, shrinkage: AlignShrinkage, edges: Tensor | None,
+               outliers: float | None = None) -> AlignmentStage:
     from sklearn.cluster import KMeans
 
     dim = x.shape[1]
@@ -351,6 +369,8 @@ def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int]
             k = int(np.flatnonzero(slots[g] == s)[0])
             own = x[(groups == g) & (assign == k)]
             stage.source_mean[g, k] = torch.from_numpy(own.mean(0))
+            if outliers is not None:
+                stage.radius[g, k] = float(np.quantile(np.linalg.norm(own - centroids[g, k], axis=1), outliers))
             stage.target_mean[g, k] = torch.from_numpy(mu)
             if len(own) < MIN_PIECE:  # too few to estimate a shape: the piece is only moved
                 continue
@@ -397,6 +417,13 @@ def _match(centroids: np.ndarray, present: list[int], ordered: bool) -> np.ndarr
     return slots
 
 
+def check_outliers(outliers: object, name: str = "outliers") -> None:
+    """Raise, with what was expected, unless `outliers` is None or a quantile in (0, 1]."""
+    if outliers is not None and (isinstance(outliers, bool) or not isinstance(outliers, (int, float))
+                                 or not 0 < outliers <= 1):
+        raise ValueError(f"{name} must be None (map every row) or a quantile in (0, 1] such as 0.99, got {outliers!r}.")
+
+
 def _covariance(x: np.ndarray, shrinkage: AlignShrinkage, diagonal: bool = False) -> np.ndarray:
     """The shrunk covariance of the rows x [N, D], or with `diagonal` their shrunk variances [D] alone."""
     if diagonal:
@@ -405,44 +432,6 @@ def _covariance(x: np.ndarray, shrinkage: AlignShrinkage, diagonal: bool = False
     return shrink_covariance(np.atleast_2d(cov), shrinkage, len(x))
 
 
-def oas_shrinkage(cov: np.ndarray, n: float) -> float:
-    """The Oracle Approximating Shrinkage fraction (Chen, Wiesel, Eldar and Hero, 2010; scikit-learn's `oas`) of a
-    covariance estimated from `n` rows: near 0 when n is large against the dimension, up to 1 when it is not. From
-    the covariance alone, so that streamed moments get it too (the fraction does not depend on the covariance's scale,
-    so 1/n or 1/(n-1) normalisation gives the same). `cov` may be the variances [D] alone (a diagonal covariance)."""
-    dim = len(cov)
-    if dim == 1:
-        return 0.0
-    # mean of the squared entries and mean variance; for variances alone the off-diagonal entries are 0
-    alpha = np.sum(cov ** 2) / dim ** 2
-    mu = (cov if cov.ndim == 1 else np.diag(cov)).mean()
-    den = (n + 1) * (alpha - mu ** 2 / dim)
-    return 1.0 if den <= 0 else float(min((alpha + mu ** 2) / den, 1.0))
-
-
-def shrink_covariance(cov: np.ndarray, shrinkage: AlignShrinkage, n: float | None = None) -> np.ndarray:
-    """`cov` shrunk towards its mean variance by the fraction `shrinkage`, or by `oas_shrinkage(cov, n)` ("oas": `n`
-    is then the estimate's row count): a covariance matrix [D, D], or the variances [D] alone (a diagonal
-    covariance)."""
-    if shrinkage == "oas":
-        if n is None:
-            raise ValueError('shrinkage="oas" needs the row count n the covariance was estimated from.')
-        shrinkage = oas_shrinkage(cov, n)
-    if cov.ndim == 1:
-        return (1 - shrinkage) * cov + shrinkage * max(cov.mean(), 1e-6)
-    scale = max(np.trace(cov) / len(cov), 1e-6)
-    return (1 - shrinkage) * cov + shrinkage * scale * np.eye(len(cov))
-
-
-def gaussian_map(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The optimal-transport map between centred Gaussians: S^-1/2 (S^1/2 T S^1/2)^1/2 S^-1/2."""
-    w, v = np.linalg.eigh(source)
-    w = np.clip(w, 1e-10, None)
-    root, inv_root = (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
-    w2, v2 = np.linalg.eigh(root @ target @ root)
-    middle = (v2 * np.sqrt(np.clip(w2, 0, None))) @ v2.T
-    return inv_root @ middle @ inv_root
-
-
 __all__ = ["AlignmentStage", "AlignmentTarget", "PiecewiseAlignment", "PredictedAlignment", "default_maps",
-           "fit_alignment", "fit_predicted_alignment", "oas_shrinkage", "require_categorical"]
+           "check_outliers", "fit_alignment", "fit_predicted_alignment", "oas_shrinkage",
+           "require_categorical"]

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ..config import AlignShrinkage
-from .alignment import MIN_PIECE, AlignmentStage, gaussian_map, shrink_covariance
+from .alignment import MIN_PIECE, AlignmentStage
+from .gaussian import gaussian_map, shrink_covariance
 
 
 class PieceMoments:

@@ -38,6 +38,8 @@ class HubMixin:
 
     _dropped_prefixes: ClassVar[tuple[str, ...]] = ()
     """State-dict prefixes that saves of earlier versions held and loading ignores."""
+    _defaulted_suffixes: ClassVar[tuple[str, ...]] = ()
+    """State-dict key endings that saves of earlier versions lack; loading keeps the new model's value for them."""
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, heads_only: bool = False,
                         metrics: Mapping[str, Any] | None = None) -> Path:
@@ -154,6 +156,8 @@ class HubMixin:
         expected = model.state_dict()
         if heads_only:
             expected = {k: v for k, v in expected.items() if k.startswith(cls._trained_prefix)}
+        state = {**{k: v for k, v in expected.items() if k.endswith(cls._defaulted_suffixes) and k not in state},
+                 **state}
         check_keys(expected, state, weights_path)
         check_weights_match_config(config, weights_path)  # after the key checks, whose messages say more
         model.load_state_dict(state, strict=not heads_only)

@@ -14,10 +14,14 @@ from typing import Any, get_args
 import torch
 
 from ..config import AlignMaps, AlignShrinkage, Attribute, check_shrinkage
-from ..core.alignment import PredictedAlignment, fit_predicted_alignment, require_categorical
+from ..core.alignment import PredictedAlignment, check_outliers, fit_predicted_alignment, require_categorical
 from ..core.joint import JointGroups, check_bins
 from ..core.moments import PieceMoments, refit_maps
 from ..data.batches import iterate_batches
+
+
+OUTLIERS: float | None = None
+"""`fit_alignment_head`'s default `outliers` quantile."""
 
 
 class AlignmentHeadMixin:
@@ -34,7 +38,7 @@ class AlignmentHeadMixin:
     def fit_alignment_head(self, loader: Iterable, *, clusters: int | list[int] | None = None, samples: int = 8192,
                            maps: AlignMaps | None = None, seed: int = 0, stream: bool = True,
                            shrinkage: AlignShrinkage = "oas", joint: bool | None = None,
-                           bins: int = 4) -> PredictedAlignment:
+                           bins: int = 4, outliers: float | None = OUTLIERS) -> PredictedAlignment:
         """Make h_theta a fitted alignment that needs no B at inference, instead of training the MLP with `fit`.
 
         Reads `samples` rows of `(inputs, attrs)` batches through the frozen backbone, standardises them, fits the
@@ -46,15 +50,13 @@ class AlignmentHeadMixin:
         With `joint`, every combination of the attributes' classes and bins is one group of one stage (so streamed
         too); otherwise they are aligned one after the other. It suits attributes a linear model reads from Z (a
         tint, a stain, a rotation the encoder encodes): where one is not, a wrong prediction applies another
-        group's map (`benchmarks/alignment_target.py`). Fit it on many more rows than a
-        probe gets: on the suite's conv problem a fresh probe trained on 1,500 others reads the site at 0.461 when
-        the head was fitted on as many, 0.354 on 4x (chance 0.333, raw 1.000; test split, seeds 0-2). The model
-        then saves, loads and runs as any other; `fit` refuses it.
+        group's map. Fit it on many more rows than a probe gets: on the suite's conv problem a fresh probe trained
+        on 1,500 others reads the site at 0.461 when the head was fitted on as many, 0.354 on 4x (chance 0.333;
+        test split, seeds 0-2). The model then saves, loads and runs as any other; `fit` refuses it.
 
         Args:
             clusters: pieces per group, for all attributes or one per attribute (None: the silhouette score's).
-            samples: rows the pieces, their matching and the predictor are fitted on (held in memory: samples x
-                feature_dim floats).
+            samples: rows the pieces, their matching and the predictor are fitted on (held in memory).
             stream: with one attribute, re-estimate the maps from every row of the loader (one pass); False stops
                 reading after `samples` rows. With several attributes only the sample is read.
             maps: per-piece maps, "full", "diagonal" or "shift" (None: full up to 256 features). Full maps gather a
@@ -65,11 +67,12 @@ class AlignmentHeadMixin:
                 False refuses). On digits (site, rotation, width) they removed all three; one after the other
                 broke the digit (README, "Leakage benchmark suite").
             bins: quantile bins of each continuous attribute in the joint groups (edges from the sample).
-            shrinkage: each piece's covariance is shrunk towards its mean variance before its map is fitted: by the
-                Oracle Approximating Shrinkage fraction of its own row count ("oas", the default: little for pieces
-                of many rows, more for few rows in many dimensions), or by a fixed fraction in [0, 1]. On the
-                suite's val split (seeds 0, 1) "oas" read 0.458 on conv (0.1: 0.560, 0: 0.701 with the task lost)
-                and 0.340 at 4x its rows (0.1: 0.379, 0: 0.325).
+            outliers: a row farther from its piece's centroid than this quantile of the sample's distances in that
+                piece keeps its features (None: every row is mapped): a site never seen in training is not moved by
+                a seen group's maps.
+            shrinkage: each piece's covariance is shrunk towards its mean variance before its map is fitted, by the
+                Oracle Approximating Shrinkage fraction of its own row count ("oas") or by a fixed fraction in [0, 1].
+                On the suite's conv problem (val, seeds 0, 1) "oas" read 0.458 (0.1: 0.560, 0: 0.701, task lost).
 
         Returns:
             The fitted map (also `self.heads.h`).
@@ -83,7 +86,7 @@ class AlignmentHeadMixin:
         if not joint:
             require_categorical(self.attributes)
         stages = 1 if joint else len(self.attributes)
-        _check_arguments(stages, clusters, samples, maps, stream, shrinkage, joint, bins)
+        _check_arguments(stages, clusters, samples, maps, stream, shrinkage, joint, bins, outliers)
         # HeadConfig's own check that the head fits this encoder (out_dim), before the backbone pass.
         dataclasses.replace(self.head_config, align_head_pieces=[1] * stages)
         device = self.device
@@ -98,7 +101,8 @@ class AlignmentHeadMixin:
         else:
             mean, std = torch.zeros(z.shape[1]), torch.ones(z.shape[1])
         groups, attributes, b = _stage_groups(b, self.attributes, joint, bins)
-        head = fit_predicted_alignment((z - mean) / std, b, attributes, clusters, maps, seed, shrinkage)
+        head = fit_predicted_alignment((z - mean) / std, b, attributes, clusters, maps, seed, shrinkage,
+                                       outliers=outliers)
         if stream and len(attributes) == 1 and len(read[0]) >= samples:
             _refit_from_stream(head, read, batches, mean, std, shrinkage, groups)
         self.head_config = dataclasses.replace(
@@ -139,12 +143,13 @@ def _read_sample(batches: Iterator, samples: int) -> tuple[torch.Tensor, torch.T
 
 
 def _check_arguments(attributes: int, clusters: object, samples: object, maps: object, stream: object,
-                     shrinkage: object, joint: object, bins: object) -> None:
+                     shrinkage: object, joint: object, bins: object, outliers: object) -> None:
     """Raise, with what was expected, on a bad argument of `fit_alignment_head` (before the backbone pass);
     `attributes` is the number of stages (1 for joint groups)."""
     if not isinstance(joint, bool):
         raise ValueError(f"joint must be True, False or None, got {joint!r}.")
     check_bins(bins)
+    check_outliers(outliers)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an int >= 2, got {samples!r}.")
     counts = clusters if isinstance(clusters, list) else [clusters]
