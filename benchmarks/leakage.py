@@ -21,7 +21,7 @@ For each problem of `benchmarks/problems.py` and each seed, the feature sets bel
     head_dmm     the alignment head for the problem's categorical attributes (fitted on HEAD_SAMPLES training rows,
                  its maps refit from every row with one such attribute), then dmm_selected for every attribute on its
                  output: the head stays fixed while DeepMinMax trains (--set align_clusters=K, --set
-                 align_head_maps=diagonal for the head)
+                 align_head_maps=diagonal, --set align_outliers=Q for the head)
 
 Every method is fitted on the train split (DeepMinMax variants with the problem's epoch budget). The task's logistic
 regression trains on the train features (the paper's protocol); the leakage and retention probes train on the
@@ -78,7 +78,7 @@ METHODS = ("raw", "leace", "quadratic", "paper", "dmm", "matched", "aligned", "s
 HEAD_SAMPLES = 16384
 """Rows the head_dmm method's head fits its pieces, their matching and its predictor on (the rest only refit the
 maps): the digits job's train split is 245,760 draws."""
-HEAD_ONLY = ("align_clusters", "align_head_maps", "align_shrinkage")
+HEAD_ONLY = ("align_clusters", "align_head_maps", "align_shrinkage", "align_outliers")
 """--set keys that head_dmm gives its head and not DeepMinMax."""
 MATCHED = {"residual": True, "match_weight": 10.0}
 """The matched variant's settings (chosen on the val split of the style problem, seed 0: weights 1, 10, 100 gave
@@ -235,6 +235,8 @@ def head_then_dmm(problem: Problem, train: SplitData, seed: int, overrides: dict
     start = time.perf_counter()
     head = DebiasedEncoder(problem.backbone, problem.layer, tuple(problem.attributes[k] for k in cols))
     shrinkage = {"shrinkage": overrides["align_shrinkage"]} if "align_shrinkage" in overrides else {}
+    if "align_outliers" in overrides:
+        shrinkage["outliers"] = overrides["align_outliers"]
     head.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs[:, cols]), batch_size=problem.batch_size),
                             clusters=overrides.get("align_clusters"), samples=min(len(train.inputs), HEAD_SAMPLES),
                             maps=overrides.get("align_head_maps"), seed=seed, **shrinkage)

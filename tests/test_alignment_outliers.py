@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dmm_wrap import Attribute, DebiasedEncoder
 from dmm_wrap.apps.run_config import AlignHeadConfig
+from dmm_wrap.core.alignment import PiecewiseAlignment
 from dmm_wrap.io.serialization import file_sha256
 from dmm_wrap.validation import ConfigError
 
@@ -114,6 +115,16 @@ def test_save_and_load_keep_the_radius_and_older_saves_map_every_row(heads, tmp_
     config["weights_sha256"] = file_sha256(weights)  # as that save recorded its own weights
     (weights.parent / "config.json").write_text(json.dumps(config))
     assert torch.equal(DebiasedEncoder.from_pretrained(tmp_path / "none", backbone=backbone())(x), heads["none"](x))
+
+
+def test_a_state_without_radius_loads_strictly_with_every_row_mapped(heads) -> None:
+    """Checkpoints and saves written before pieces had a radius (resume loads them strictly)."""
+    alignment = heads["0.99"].heads.h.alignment
+    state = {k: v for k, v in alignment.state_dict().items() if not k.endswith("radius")}
+    fresh = PiecewiseAlignment.empty_like(state)
+    fresh.load_state_dict(state)  # strict: no missing key
+    assert torch.isinf(fresh.stages[0].radius).all()
+    assert torch.equal(fresh.stages[0].centroids, alignment.stages[0].centroids)
 
 
 @pytest.mark.parametrize("bad", [0, 1.5, -0.1, True, "0.99"])

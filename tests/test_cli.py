@@ -502,8 +502,12 @@ def test_fit_with_the_alignment_head_saves_a_model_that_reloads_and_evaluates(tm
     model = DebiasedEncoder.from_pretrained(out / "model")
     assert model.head_config.align_head_groups == [48] and model.head_config.align_head_pieces == [2]  # 3 x 4 x 4
     report = (out / "report.md").read_text()
-    assert "alignment head" in report and "beyond its piece's 0.99 quantile radius" in report
+    assert "alignment head" in report and "beyond its piece's outlier radius keeps its features" in report
     assert torch.isfinite(model.heads.h.alignment.stages[0].radius).any()  # the radius was fitted, saved and loaded
+    # eval with the shipped run file (outliers: null) reports what the weights do, not what the run file says
+    assert main(["eval", str(out / "model"), DEFAULT, "--output-dir", str(tmp_path / "eval"),
+                 "--set", "eval.max_samples=200", "--set", "eval.tsne_samples=0"]) == 0
+    assert "outlier radius keeps its features" in (tmp_path / "eval" / "report.md").read_text()
     assert load_run_config(out / "config.yaml").method == "alignment_head"
     assert main(["fit", DEFAULT, "--output-dir", str(tmp_path / "bad"), "--set", "alignment_head.bins=1"]) == 2
     assert not (tmp_path / "bad").exists()

@@ -97,8 +97,9 @@ def evaluate_run(cfg: RunConfig, model: DebiasedEncoder, data: RunData, out: Pat
         notes.append(f"h_theta is the alignment head (`fit_alignment_head`): {head.align_head_pieces} pieces per "
                      f"group of {head.align_head_groups or [a.num_classes for a in data.attributes]} groups, each "
                      "group predicted from Z; no training loop"
-                     + (f"; a row beyond its piece's {cfg.alignment_head.outliers} quantile radius keeps its features."
-                        if cfg.alignment_head.outliers is not None else "; every row is mapped."))
+                     + ("; a row beyond its piece's outlier radius keeps its features."
+                        if any(torch.isfinite(st.radius).any() for st in model.heads.h.alignment.stages)
+                        else "; every row is mapped."))
     if history is not None:
         notes.append(f"Trained for {history.steps_done} steps (lam={cfg.fit.lam}, lr={cfg.fit.lr}, "
                      f"estimator_steps={cfg.fit.estimator_steps})"

@@ -64,6 +64,12 @@ class AlignmentStage(nn.Module):
         self.register_buffer("radius", torch.full((groups, clusters), float("inf")))
         """Distance from piece (g, k)'s centroid beyond which a row keeps its features (inf: every row is mapped)."""
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # States written before pieces had a radius (saves, checkpoints) load with an infinite one: every row mapped,
+        # as they were.
+        state_dict.setdefault(prefix + "radius", torch.full_like(self.radius, float("inf")))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
     def groups_of(self, b: Tensor) -> Tensor:
         """The group of each attribute value: its class id, or its bin of `edges`."""
         if self.edges.numel() == 0:
