@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"got {args.train_scale}.")
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_set(args.set)
+    if "align_outliers" in overrides and not {"head", "head_dmm"} & set(methods):
+        parser.error("--set align_outliers=Q sets the alignment head's outlier radius; give it with --methods head or "
+                     f"head_dmm (got {methods}).")
     results: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
     problems = {}
     start = time.perf_counter()

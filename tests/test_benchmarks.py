@@ -159,6 +159,10 @@ def test_train_scale_below_one_is_refused_with_the_fix(capsys: pytest.CaptureFix
         suite.main(["--train-scale", "0"])
     assert exc.value.code == 2
     assert "--train-scale must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a head-only key with no head method would be ignored silently
+        suite.main(["--problems", "additive", "--methods", "raw,dmm", "--set", "align_outliers=0.99"])
+    assert exc.value.code == 2
+    assert "give it with --methods head or head_dmm" in capsys.readouterr().err
 
 
 @pytest.mark.slow
