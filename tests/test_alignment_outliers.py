@@ -117,6 +117,21 @@ def test_save_and_load_keep_the_radius_and_older_saves_map_every_row(heads, tmp_
     assert torch.equal(DebiasedEncoder.from_pretrained(tmp_path / "none", backbone=backbone())(x), heads["none"](x))
 
 
+@torch.no_grad()
+def test_the_radius_exports_to_onnx_and_torch_export(heads, tmp_path: Path) -> None:
+    """Kept and mapped rows alike (seen sites and the unseen one) through onnxruntime and torch.export."""
+    ort = pytest.importorskip("onnxruntime")
+    enc = heads["0.99"]
+    x = torch.cat([four_sites(100, 5, [0, 1, 2])[0], four_sites(100, 6, [3])[0]])
+    assert 0.3 < kept(enc, x) < 0.7  # both branches of the radius are exercised
+    path = enc.export_onnx(tmp_path / "head.onnx", x[:4])
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, enc(x).numpy(), atol=1e-4)
+    program = torch.export.export(enc.inference_module(), (x,))
+    torch.testing.assert_close(program.module()(x), enc(x))
+
+
 def test_a_state_without_radius_loads_strictly_with_every_row_mapped(heads) -> None:
     """Checkpoints and saves written before pieces had a radius (resume loads them strictly)."""
     alignment = heads["0.99"].heads.h.alignment
