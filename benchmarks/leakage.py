@@ -168,6 +168,13 @@ def erased(method: str, ztr: np.ndarray, train: SplitData, others: list[tuple[np
                                                   for z, split in others]
 
 
+def head_options(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The `--set` keys that `fit_alignment_head` takes as they are (`shrinkage`, `outliers`), where given; its own
+    defaults otherwise."""
+    names = {"align_shrinkage": "shrinkage", "align_outliers": "outliers"}
+    return {arg: overrides[key] for key, arg in names.items() if key in overrides}
+
+
 def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, overrides: dict[str, Any],
                 epochs_scale: float, train_scale: int = 1) -> tuple[DebiasedEncoder, dict[str, float]]:
     """One fitted method. A train split `train_scale` times the usual size keeps the training variants' step count
@@ -175,12 +182,9 @@ def fit_variant(method: str, problem: Problem, train: SplitData, seed: int, over
     if method == "head":  # no training loop: one bounded pass of fit_alignment_head
         enc = DebiasedEncoder(problem.backbone, problem.layer, problem.attributes)
         start = time.perf_counter()
-        shrinkage = {"shrinkage": overrides["align_shrinkage"]} if "align_shrinkage" in overrides else {}
-        if "align_outliers" in overrides:
-            shrinkage["outliers"] = overrides["align_outliers"]
         enc.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs), batch_size=problem.batch_size),
                                clusters=overrides.get("align_clusters"), samples=len(train.inputs), seed=seed,
-                               bins=overrides.get("align_bins", 4), **shrinkage)
+                               bins=overrides.get("align_bins", 4), **head_options(overrides))
         return enc, {"fit_seconds": time.perf_counter() - start}
     if method == "head_dmm":
         return head_then_dmm(problem, train, seed, overrides, epochs_scale, train_scale)
@@ -234,12 +238,9 @@ def head_then_dmm(problem: Problem, train: SplitData, seed: int, overrides: dict
         raise SystemExit(f"head_dmm needs a categorical attribute for its head; {problem.name} has none.")
     start = time.perf_counter()
     head = DebiasedEncoder(problem.backbone, problem.layer, tuple(problem.attributes[k] for k in cols))
-    shrinkage = {"shrinkage": overrides["align_shrinkage"]} if "align_shrinkage" in overrides else {}
-    if "align_outliers" in overrides:
-        shrinkage["outliers"] = overrides["align_outliers"]
     head.fit_alignment_head(DataLoader(TensorDataset(train.inputs, train.attrs[:, cols]), batch_size=problem.batch_size),
                             clusters=overrides.get("align_clusters"), samples=min(len(train.inputs), HEAD_SAMPLES),
-                            maps=overrides.get("align_head_maps"), seed=seed, **shrinkage)
+                            maps=overrides.get("align_head_maps"), seed=seed, **head_options(overrides))
     stacked = dataclasses.replace(problem, backbone=HeadFirst(head), layer="out")
     rest = {k: v for k, v in overrides.items() if k not in HEAD_ONLY}
     enc, extra = fit_variant("dmm_selected", stacked, train, seed, rest, epochs_scale, train_scale)

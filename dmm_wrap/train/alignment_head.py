@@ -20,10 +20,6 @@ from ..core.moments import PieceMoments, refit_maps
 from ..data.batches import iterate_batches
 
 
-OUTLIERS: float | None = None
-"""`fit_alignment_head`'s default `outliers` quantile."""
-
-
 class AlignmentHeadMixin:
     """`fit_alignment_head` for `DebiasedEncoder`."""
 
@@ -38,7 +34,7 @@ class AlignmentHeadMixin:
     def fit_alignment_head(self, loader: Iterable, *, clusters: int | list[int] | None = None, samples: int = 8192,
                            maps: AlignMaps | None = None, seed: int = 0, stream: bool = True,
                            shrinkage: AlignShrinkage = "oas", joint: bool | None = None,
-                           bins: int = 4, outliers: float | None = OUTLIERS) -> PredictedAlignment:
+                           bins: int = 4, outliers: float | None = None) -> PredictedAlignment:
         """Make h_theta a fitted alignment that needs no B at inference, instead of training the MLP with `fit`.
 
         Reads `samples` rows of `(inputs, attrs)` batches through the frozen backbone, standardises them, fits the
