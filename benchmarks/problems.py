@@ -178,17 +178,29 @@ def conv_problem(seed: int, n: dict[Split, int] | None = None) -> Problem:
                    epochs=8)
 
 
-def digits_problem(seed: int, n: dict[Split, int] | None = None, encoder: str = "digits") -> Problem:
+WRITERS_VAL_FRACTION = 0.2
+"""Share of the training writers (source images) that `digits_writers` holds out for its val split."""
+
+
+def digits_problem(seed: int, n: dict[Split, int] | None = None, encoder: str = "digits",
+                   writers_val: bool = False) -> Problem:
     """The default job: a shipped digits encoder on generated digits (site, rotation, stroke width). The detail is
     the writer: the first principal components of the source 8x8 digit minus its class mean.
 
-    encoder: "digits" (the job's, trained with digit labels) or "digits_label_free" (never read a digit label)."""
+    encoder: "digits" (the job's, trained with digit labels) or "digits_label_free" (never read a digit label).
+    writers_val: the val split draws writers that train, select and probe never see (`WRITERS_VAL_FRACTION` of the
+    training writers, chosen by the seed), as the test split does, so that settings are chosen seeing the shift to
+    new writers; the test split is unchanged. Without it, val renders the training writers with draws of their own."""
     from dmm_wrap import load_digits_encoder
-    from dmm_wrap.apps.digits import SyntheticDigits
+    from dmm_wrap.apps.digits import SyntheticDigits, source_indices
     from dmm_wrap.apps.pretrained import DIGITS_ENCODER_LAYER
 
     n = n or DIGITS_SIZES
     backbone = load_digits_encoder(name=encoder)
+    pool = source_indices("train")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + seed))
+    cut = round(WRITERS_VAL_FRACTION * len(pool))
+    held, kept = pool[order[:cut]].sort().values, pool[order[cut:]].sort().values
     attributes = SyntheticDigits("train", 8).attributes
 
     def sample(split: Split) -> SplitData:
@@ -196,6 +208,8 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None, encoder: str = 
         # writers.
         source = "test" if split == "test" else "train"
         ds = SyntheticDigits(source, n[split], num_sites=3, seed=100 * seed + SPLIT_SEEDS[split])
+        if writers_val and split != "test":
+            ds.source_indices = held if split == "val" else kept  # the pool _render draws source images from
         batch = ds.generate()
         return SplitData(batch.images, batch.attrs, batch.labels, _writer_detail(ds))
 
@@ -204,7 +218,7 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None, encoder: str = 
     # reads the job's 8,192 validation images (until 2026-12-01 the suite gave it 2,048: FitConfig's default).
     options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.9, "estimator_steps": 5, "ema_decay": 0.995,
                "select_samples": 8192}
-    return Problem(encoder, backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
+    return Problem(encoder + ("_writers" if writers_val else ""), backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
                    fit_options=options)
 
 
@@ -243,6 +257,8 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "digits": lambda seed, train_scale=1: digits_problem(seed, scaled(DIGITS_SIZES, train_scale)),
     "digits_label_free": lambda seed, train_scale=1: digits_problem(seed, scaled(DIGITS_SIZES, train_scale),
                                                                      "digits_label_free"),
+    "digits_writers": lambda seed, train_scale=1: digits_problem(seed, scaled(DIGITS_SIZES, train_scale),
+                                                                  writers_val=True),
 }
 """Problem builders by name, each taking the seed that draws its data (and its random encoder) and `train_scale`, the
 size of the train split (what every method is fitted on) as a multiple of the probe split's."""

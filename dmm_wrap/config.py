@@ -222,7 +222,7 @@ class FitConfig:
     to which of another by least movement, which no dependence penalty can. 0 turns it off (the paper's objective)."""
 
     align_clusters: int | None = None
-    """Pieces per attribute group of the alignment; None = chosen by the silhouette score (2 to 12)."""
+    """Pieces per attribute group of the alignment; None = `dmm_wrap.core.pieces.choose_pieces` (2 to 12)."""
 
     align_bins: int = 8
     """Quantile bins of a continuous attribute for the alignment, matched in order (neighbour to neighbour)."""

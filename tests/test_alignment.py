@@ -10,7 +10,8 @@ from sklearn.neural_network import MLPClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from dmm_wrap import Attribute, DebiasedEncoder, FitConfig
-from dmm_wrap.core.alignment import PiecewiseAlignment, gaussian_map, fit_alignment
+from dmm_wrap.core.alignment import PiecewiseAlignment, fit_alignment, gaussian_map
+from dmm_wrap.core.pieces import choose_clusters, choose_pieces
 
 GROUP = (Attribute("group", "categorical", 3),)
 
@@ -165,3 +166,26 @@ def test_a_plain_h_theta_is_warned_about() -> None:
     enc = DebiasedEncoder(torch.nn.Identity(), None, GROUP)
     with pytest.warns(UserWarning, match="residual"):
         enc.fit(_loader(128), config=FitConfig(epochs=1, align_weight=1.0, progress=False))
+
+
+def test_the_piece_count_is_the_most_common_silhouette_choice_over_groups() -> None:
+    # Five groups of 3 well-separated blobs, except the first, whose third blob is two: the silhouette score of the
+    # first group alone says 4 pieces (what fit_alignment used before), the groups together say 3.
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    xs, gs = [], []
+    for g in range(5):
+        rows = centres[rng.integers(0, 3, 600)] + rng.normal(size=(600, 2))
+        if g == 0:
+            third = rows[:, 1] > 10
+            rows[third, 0] += np.where(rng.random(third.sum()) < 0.5, -6.0, 6.0)
+        xs.append(rows)
+        gs.append(np.full(600, g))
+    x, groups = np.concatenate(xs), np.concatenate(gs)
+    assert choose_clusters(x[groups == 0], seed=0) == 4  # negative control: one group's choice
+    assert [choose_clusters(x[groups == g], seed=0) for g in range(1, 5)] == [3] * 4
+    assert choose_pieces(x, groups, list(range(5)), seed=0) == 3
+    b = torch.from_numpy(groups).float()[:, None]
+    align = fit_alignment(torch.from_numpy(x), b, (Attribute("group", "categorical", 5),), clusters=None, bins=8,
+                          maps="full", seed=0)
+    assert align.stages[0].centroids.shape[1] == 3

@@ -240,3 +240,26 @@ def test_label_free_digits_problem_is_the_same_data_behind_the_label_free_encode
         za = job.backbone.forward_features(a.inputs)
         zb = free.backbone.forward_features(b.inputs)
     assert za.shape == zb.shape and not torch.allclose(za, zb)
+
+
+def test_digits_writers_validates_on_writers_that_training_never_sees() -> None:
+    """digits_writers' val split draws source digits that its train and probe splits never draw (the shift to new
+    writers that the test split has); the plain digits problem's val shares them with train; the test split is the
+    digits problem's own."""
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    from problems import digits_problem
+
+    sizes = dict.fromkeys(("train", "val", "test", "select", "probe"), 300)
+
+    def sources(split_data: object) -> set[tuple[float, ...]]:  # the writer detail identifies the source digit
+        return {tuple(np.round(row, 4)) for row in split_data.detail.numpy()}  # type: ignore[attr-defined]
+
+    plain, writers = digits_problem(0, sizes), digits_problem(0, sizes, writers_val=True)  # type: ignore[arg-type]
+    assert writers.name == "digits_writers"
+    assert sources(plain.sample("val")) & sources(plain.sample("train"))  # negative control: shared writers
+    val = sources(writers.sample("val"))
+    assert not val & sources(writers.sample("train")) and not val & sources(writers.sample("probe"))
+    a, b = plain.sample("test"), writers.sample("test")
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)

@@ -236,7 +236,7 @@ class AlignHeadConfig:
     width floats); with `stream`, the maps are then re-estimated from every training row."""
 
     clusters: int | None = None
-    """Pieces per group; None: the silhouette score's count."""
+    """Pieces per group; None: the silhouette score's most common count over up to 5 groups."""
 
     bins: int = 4
     """Quantile bins of each continuous attribute in the joint groups."""

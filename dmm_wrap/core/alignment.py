@@ -6,7 +6,8 @@ which piece of another, and any permutation satisfies it. This module fixes the 
 bounded sample of standardised features (the training's statistics pre-pass):
 
 1. split the sample into groups: the classes of a categorical attribute, or quantile bins of a continuous one;
-2. cluster each group into K pieces (k-means; K by the silhouette score unless given);
+2. cluster each group into K pieces (k-means; unless given, K is the silhouette score's most common choice over a
+   few groups: `choose_pieces`);
 3. match pieces across groups by least movement: a categorical attribute's groups against their barycentre (Hungarian
    assignment, iterated), a continuous attribute's bins in order, each to the previous one (its smoothness);
 4. map each group's piece onto the pooled piece by the Gaussian optimal-transport map of its mean and covariance
@@ -32,15 +33,12 @@ from torch import Tensor, nn
 
 from ..config import AlignShrinkage, Attribute
 from .gaussian import gaussian_map, oas_shrinkage, shrink_covariance
+from .pieces import choose_pieces
 from .joint import quantile_edges
 
 MapKind = Literal["full", "diagonal", "shift"]
-AUTO_CLUSTERS = range(2, 13)
-"""Cluster counts the silhouette score chooses from when `clusters` is None."""
 MIN_PIECE = 3
 """A piece with fewer samples than this is only shifted, not reshaped."""
-SILHOUETTE_SAMPLE = 2000
-"""Samples of one group the silhouette score is computed on (its cost is quadratic)."""
 
 
 class AlignmentStage(nn.Module):
@@ -299,8 +297,8 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
     """Fit the alignment on a sample of standardised features z [N, D] and attributes b [N, A] (class ids, values).
 
     Args:
-        clusters: pieces per group, for all attributes or one per attribute (None: chosen by the silhouette score
-            of the first group, from 2 to 12).
+        clusters: pieces per group, for all attributes or one per attribute (None: `choose_pieces`, the silhouette
+            score's most common choice, from 2 to 12, over up to 5 groups).
         bins: quantile bins of a continuous attribute.
         maps: "full" (Gaussian OT map of each piece's covariance), "diagonal" or "shift"; None: `default_maps`.
         shrinkage: each piece's covariance is shrunk towards its mean variance by this fraction (few samples per
@@ -325,7 +323,7 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         present = [g for g in range(count) if sizes[g] > 0]
         smallest = min(sizes[g] for g in present)
         given = clusters[k] if isinstance(clusters, list) else clusters
-        pieces = given or _choose_clusters(x[groups == present[0]], seed)
+        pieces = given or choose_pieces(x, groups, present, seed)
         pieces = max(1, min(pieces, smallest // 2))
         stage = _fit_stage(x, groups, count, present, pieces, attr.kind == "continuous", maps, seed, shrinkage,
                            None if edges is None else torch.from_numpy(edges).float(), outliers)
@@ -333,24 +331,6 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         if k < len(attributes) - 1:  # the next stage's input (a [N, D, D] gather with full maps): not after the last
             x = stage(torch.from_numpy(x).float(), torch.from_numpy(col).float()).double().numpy()
     return PiecewiseAlignment(stages)
-
-
-def _choose_clusters(x: np.ndarray, seed: int) -> int:
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
-
-    sample = x[:SILHOUETTE_SAMPLE]
-    best, chosen = -np.inf, AUTO_CLUSTERS[0]
-    for k in AUTO_CLUSTERS:
-        if k >= len(sample):
-            break
-        labels = KMeans(k, n_init=3, random_state=seed).fit_predict(sample)
-        if len(set(labels)) < 2:
-            continue
-        score = silhouette_score(sample, labels)
-        if score > best:
-            best, chosen = score, k
-    return chosen
 
 
 def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int], pieces: int, ordered: bool,

@@ -51,7 +51,7 @@ class AlignmentHeadMixin:
         test split, seeds 0-2). The model then saves, loads and runs as any other; `fit` refuses it.
 
         Args:
-            clusters: pieces per group, for all attributes or one per attribute (None: the silhouette score's).
+            clusters: pieces per group, for all attributes or one per attribute (None: `core.pieces.choose_pieces`).
             samples: rows the pieces, their matching and the predictor are fitted on (held in memory).
             stream: with one attribute, re-estimate the maps from every row of the loader (one pass); False stops
                 reading after `samples` rows. With several attributes only the sample is read.
