@@ -218,7 +218,8 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None, encoder: str = 
     # reads the job's 8,192 validation images (until 2026-12-01 the suite gave it 2,048: FitConfig's default).
     options = {"lr": 1e-3, "estimator_lr": 5e-3, "lam": 0.9, "estimator_steps": 5, "ema_decay": 0.995,
                "select_samples": 8192}
-    return Problem(encoder + ("_writers" if writers_val else ""), backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
+    name = encoder + ("_writers" if writers_val else "")
+    return Problem(name, backbone, DIGITS_ENCODER_LAYER, attributes, sample, batch_size=128, epochs=15,
                    fit_options=options)
 
 

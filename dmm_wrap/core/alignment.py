@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from ..config import AlignShrinkage, Attribute
 from .gaussian import gaussian_map, oas_shrinkage, shrink_covariance
-from .pieces import choose_pieces
 from .joint import quantile_edges
+from .pieces import choose_pieces
 
 MapKind = Literal["full", "diagonal", "shift"]
 MIN_PIECE = 3
