@@ -197,10 +197,11 @@ def digits_problem(seed: int, n: dict[Split, int] | None = None, encoder: str = 
 
     n = n or DIGITS_SIZES
     backbone = load_digits_encoder(name=encoder)
-    pool = source_indices("train")
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + seed))
-    cut = round(WRITERS_VAL_FRACTION * len(pool))
-    held, kept = pool[order[:cut]].sort().values, pool[order[cut:]].sort().values
+    if writers_val:  # the training writers split in two, by the seed: val draws `held`, the other splits `kept`
+        pool = source_indices("train")
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + seed))
+        cut = round(WRITERS_VAL_FRACTION * len(pool))
+        held, kept = pool[order[:cut]].sort().values, pool[order[cut:]].sort().values
     attributes = SyntheticDigits("train", 8).attributes
 
     def sample(split: Split) -> SplitData:
