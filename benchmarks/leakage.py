@@ -17,7 +17,8 @@ For each problem of `benchmarks/problems.py` and each seed, the feature sets bel
     head         the alignment head, DebiasedEncoder.fit_alignment_head on the train split: the alignment applied
                  with the attribute predicted from Z, no training loop (--set align_clusters=K gives its pieces;
                  continuous attributes through joint groups, --set align_bins=B bins each, default 4; --set
-                 align_outliers=Q its outliers quantile)
+                 align_outliers=Q its outliers quantile; --set align_target=pooled or harmonic maps each piece onto
+                 the pooled piece's covariance or the harmonic mean instead of the geometric mean)
     head_dmm     the alignment head for the problem's categorical attributes (fitted on HEAD_SAMPLES training rows,
                  its maps refit from every row with one such attribute), then dmm_selected for every attribute on its
                  output: the head stays fixed while DeepMinMax trains (--set align_clusters=K, --set
@@ -78,7 +79,7 @@ METHODS = ("raw", "leace", "quadratic", "paper", "dmm", "matched", "aligned", "s
 HEAD_SAMPLES = 16384
 """Rows the head_dmm method's head fits its pieces, their matching and its predictor on (the rest only refit the
 maps): the digits job's train split is 245,760 draws."""
-HEAD_ONLY = ("align_clusters", "align_head_maps", "align_shrinkage", "align_outliers")
+HEAD_ONLY = ("align_clusters", "align_head_maps", "align_shrinkage", "align_outliers", "align_target")
 """--set keys that head_dmm gives its head and not DeepMinMax."""
 MATCHED = {"residual": True, "match_weight": 10.0}
 """The matched variant's settings (chosen on the val split of the style problem, seed 0: weights 1, 10, 100 gave
@@ -171,7 +172,7 @@ def erased(method: str, ztr: np.ndarray, train: SplitData, others: list[tuple[np
 def head_options(overrides: dict[str, Any]) -> dict[str, Any]:
     """The `--set` keys that `fit_alignment_head` takes as they are (`shrinkage`, `outliers`), where given; its own
     defaults otherwise."""
-    names = {"align_shrinkage": "shrinkage", "align_outliers": "outliers"}
+    names = {"align_shrinkage": "shrinkage", "align_outliers": "outliers", "align_target": "target"}
     return {arg: overrides[key] for key, arg in names.items() if key in overrides}
 
 
@@ -375,10 +376,11 @@ def merge_into(path: Path, payload: dict[str, Any], problems: dict[str, Problem]
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE overrides of FitConfig / HeadConfig fields, and align_outliers (the head's `outliers`; values parsed
-    as YAML; the configs validate them)."""
+    """KEY=VALUE overrides of FitConfig / HeadConfig fields, align_outliers and align_target (the head's `outliers`
+    and `target`; values parsed as YAML; the configs validate them)."""
     out: dict[str, Any] = {}
-    fields = {**FitConfig.__dataclass_fields__, **HeadConfig.__dataclass_fields__, "align_outliers": None}
+    fields = {**FitConfig.__dataclass_fields__, **HeadConfig.__dataclass_fields__, "align_outliers": None,
+              "align_target": None}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dmm_wrap import Attribute, DebiasedEncoder, FitConfig
 from dmm_wrap.core.alignment import PiecewiseAlignment, fit_alignment, gaussian_map
+from dmm_wrap.core.gaussian import mean_target
 from dmm_wrap.core.pieces import choose_clusters, choose_pieces
 
 GROUP = (Attribute("group", "categorical", 3),)
@@ -189,3 +190,55 @@ def test_the_piece_count_is_the_most_common_silhouette_choice_over_groups() -> N
     align = fit_alignment(torch.from_numpy(x), b, (Attribute("group", "categorical", 5),), clusters=None, bins=8,
                           maps="full", seed=0)
     assert align.stages[0].centroids.shape[1] == 3
+
+
+@pytest.mark.parametrize("kind", ["geometric", "harmonic"])
+def test_the_mean_target_is_the_groups_mean_covariance_plus_the_spread_of_their_means(kind: str) -> None:
+    # Closed form on diagonal covariances, per coordinate: exp(sum(w log var)) or 1 / sum(w / var), plus
+    # sum(w (mu - mean)^2), weights by rows; a group without an estimated covariance enters the spread only.
+    # Full matrices give the same as variances, and the spread off the diagonal.
+    var = np.array([[1.0, 4.0], [0.25, 4.0], [9.0, 1.0]])
+    means = np.array([[0.0, 1.0], [2.0, 1.0], [5.0, -3.0]])
+    counts, estimated = np.array([1.0, 3.0, 4.0]), np.array([True, True, False])
+    w = counts / counts.sum()
+    inner = np.array([0.25, 0.75])
+    middle = np.exp(inner @ np.log(var[:2])) if kind == "geometric" else 1 / (inner @ (1 / var[:2]))
+    expected = middle + w @ (means - w @ means) ** 2
+    np.testing.assert_allclose(mean_target(means, var, counts, estimated, kind), expected)
+    full = mean_target(means, np.stack([np.diag(v) for v in var]), counts, estimated, kind)
+    np.testing.assert_allclose(np.diag(full), expected)
+    spread = (means - w @ means).T * w @ (means - w @ means)
+    np.testing.assert_allclose(full - np.diag(np.diag(full - spread)), spread, atol=1e-12)
+    one = np.array([[2.0, 0.5], [0.5, 1.0]])  # one group: its own covariance
+    np.testing.assert_allclose(mean_target(means[:1], one[None], counts[:1], estimated[:1], kind), one)
+    with pytest.raises(ValueError, match="at least one group"):
+        mean_target(means, var, counts, np.zeros(3, bool), kind)
+
+
+def _blurred(n: int, seed: int, thin: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """3 classes in 6-d; group 1 is "blurred": its variation in the last 3 coordinates is `thin` of group 0's."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(3, 6, generator=torch.Generator().manual_seed(0)) * 3
+    y, b = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 2, (n,), generator=g)
+    scale = torch.ones(2, 6)
+    scale[1, 3:] = thin
+    return means[y] + torch.randn(n, 6, generator=g) * scale[b], b.float()[:, None], y
+
+
+def test_mean_targets_narrow_the_thick_group_instead_of_stretching_the_thin_one() -> None:
+    # The pooled piece is thick where either group is, so the blurred group's map multiplies its variation there
+    # (and any new row's deviation) by about 6; the geometric and harmonic means keep that gain lower and still
+    # hide the group from a fresh probe (raw features: the negative control).
+    z, b, _ = _blurred(3000, 1)
+    zp, bp, _ = _blurred(3000, 3)
+    zt, bt, _ = _blurred(1500, 4)
+    assert _probe(zp.numpy(), bp[:, 0].numpy(), zt.numpy(), bt[:, 0].numpy()) > 0.9
+    gains = {}
+    for target in ("pooled", "geometric", "harmonic"):
+        align = fit_alignment(z, b, (Attribute("group", "categorical", 2),), clusters=3, bins=8, maps="full", seed=0,
+                              shrinkage="oas", target=target)
+        gains[target] = float(torch.linalg.eigvalsh(align.stages[0].linear[1]).max())
+        if target != "pooled":
+            assert _probe(align(zp, bp).numpy(), bp[:, 0].numpy(), align(zt, bt).numpy(), bt[:, 0].numpy()) < 0.58
+    print(gains)
+    assert gains["pooled"] > 4 > gains["geometric"] > gains["harmonic"] and gains["harmonic"] < 1.5, gains

@@ -153,24 +153,27 @@ def test_onnx_export_matches(fitted, tmp_path: Path) -> None:
 def test_streamed_moments_reproduce_the_fit_and_do_not_depend_on_batching() -> None:
     """refit_maps from the moments of the very rows a stage was fitted on gives back its means and maps (closed form:
     the same mean and shrunk covariance, summed batch by batch about each piece's centroid), whether the rows are
-    added at once or in batches of 37; for full, diagonal and shift maps."""
+    added at once or in batches of 37; for full, diagonal and shift maps, onto the pooled or the harmonic target."""
     from dmm_wrap.core.alignment import fit_alignment
     from dmm_wrap.core.moments import PieceMoments, refit_maps
 
     x, _, s = tinted_sites(2000, 3)
     z = frozen_encoder()(x).detach()
     z = (z - z.mean(0)) / z.std(0)
-    for maps, shrinkage in (("full", 0.1), ("diagonal", 0.1), ("shift", 0.1), ("full", "oas"), ("diagonal", "oas")):
-        stage = fit_alignment(z, s.float()[:, None], (SITE,), 4, 8, maps, 0, shrinkage).stages[0]
+    for maps, shrinkage, target in (("full", 0.1, "pooled"), ("diagonal", 0.1, "pooled"), ("shift", 0.1, "pooled"),
+                                    ("full", "oas", "pooled"), ("diagonal", "oas", "pooled"),
+                                    ("full", "oas", "geometric"), ("diagonal", 0.1, "geometric"),
+                                    ("full", 0.1, "harmonic"), ("diagonal", "oas", "harmonic")):
+        stage = fit_alignment(z, s.float()[:, None], (SITE,), 4, 8, maps, 0, shrinkage, target=target).stages[0]
         fitted = {k: v.clone() for k, v in stage.state_dict().items()}
         at_once, batched = PieceMoments(stage), PieceMoments(stage)
         at_once.add(stage, z, s)
         for i in range(0, len(z), 37):
             batched.add(stage, z[i:i + 37], s[i:i + 37])
         assert torch.allclose(at_once.squares, batched.squares, atol=1e-9)
-        refit_maps(stage, batched, shrinkage)
+        refit_maps(stage, batched, shrinkage, target)
         for key, value in stage.state_dict().items():
-            assert torch.allclose(value, fitted[key], atol=1e-4), (maps, shrinkage, key)
+            assert torch.allclose(value, fitted[key], atol=1e-4), (maps, shrinkage, target, key)
 
 
 @pytest.mark.parametrize("rows, dim", [(50, 20), (500, 64), (100, 128)])
@@ -221,7 +224,7 @@ def test_streaming_the_rest_of_the_loader_reestimates_the_maps_from_every_row() 
         z = (sampled.features(x) - sampled.heads.feature_mean) / sampled.heads.feature_std
     moments = PieceMoments(b)
     moments.add(b, z, s)
-    refit_maps(b, moments)
+    refit_maps(b, moments, "oas", "geometric")  # the head's defaults
     assert torch.allclose(a.linear, b.linear, atol=1e-5) and torch.allclose(a.target_mean, b.target_mean, atol=1e-5)
     with pytest.raises(ValueError, match="stream must be True or False"):
         sampled.fit_alignment_head(loader, stream="yes")  # type: ignore[arg-type]

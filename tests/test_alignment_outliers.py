@@ -83,7 +83,9 @@ def test_an_unseen_site_keeps_its_features_and_its_task(heads) -> None:
     mapped, guarded = unseen_site_task(heads["none"], True), unseen_site_task(heads["0.99"], True)
     print(f"unseen site task: raw {raw:.3f}, every row mapped {mapped:.3f}, outliers=0.99 {guarded:.3f}")
     assert guarded >= raw - 0.02
-    assert guarded >= mapped + 0.10  # the control: a seen site's maps move the unseen site's rows away
+    # The control: a seen site's maps move the unseen site's rows away (every row mapped: 0.905 with the head's
+    # geometric target, 0.766 with the pooled one, whose maps stretch further).
+    assert guarded >= mapped + 0.05
     unseen, _, _ = four_sites(1000, 2, [3])
     seen, _, _ = four_sites(1000, 3, [0, 1, 2])
     assert kept(heads["0.99"], unseen) > 0.8

@@ -176,7 +176,7 @@ def _fit_model(cfg: RunConfig, model: DebiasedEncoder, data: RunData, fit_cfg: A
         samples = min(samples, cfg.fit.max_steps * cfg.data.batch_size)
     model.fit_alignment_head(loader, clusters=a.clusters, samples=samples, maps=a.maps, seed=cfg.seed or 0,
                              stream=a.stream, shrinkage=a.shrinkage, joint=a.joint, bins=a.bins,
-                             outliers=a.outliers)
+                             outliers=a.outliers, target=a.target)
     return None
 
 

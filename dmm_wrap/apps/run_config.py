@@ -19,12 +19,13 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
 from ..config import (AlignMaps, AlignShrinkage, Attribute, ConfigError, EvalConfig, FitConfig, HeadConfig,
                       MissingFileError, Pooling, check_fields, check_shrinkage, got, validate)
+from ..core.gaussian import TargetCovariance
 from ..inference import IMAGENET_MEAN, IMAGENET_STD
 from ..io.serialization import write_text_atomically
 from .leakage import AuditConfig
@@ -257,6 +258,10 @@ class AlignHeadConfig:
     """A row farther from its piece's centroid than this quantile of the sample's distances keeps its features
     (a site never seen in training is not moved by a seen one's maps); None: every row is mapped."""
 
+    target: TargetCovariance = "geometric"
+    """The covariance each group's piece is mapped onto: "geometric" or "harmonic" (that mean of the groups'
+    covariances plus the spread of their means) or "pooled" (the pooled piece's)."""
+
     def __post_init__(self) -> None:
         check_fields(self)
         if self.samples < 2 or (self.clusters is not None and self.clusters < 1) or self.bins < 2:
@@ -265,6 +270,8 @@ class AlignHeadConfig:
         check_shrinkage(self.shrinkage, "shrinkage")
         if self.outliers is not None and not 0 < self.outliers <= 1:
             raise ConfigError(f"outliers must be None or a quantile in (0, 1] such as 0.99, got {self.outliers!r}.")
+        if self.target not in get_args(TargetCovariance):
+            raise ConfigError(f"target must be one of {get_args(TargetCovariance)}, got {self.target!r}.")
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AlignShrinkage, Attribute
-from .gaussian import gaussian_map, oas_shrinkage, shrink_covariance
+from .gaussian import TargetCovariance, check_target, gaussian_map, mean_target, oas_shrinkage, shrink_covariance
 from .joint import quantile_edges
 from .pieces import choose_pieces
 
@@ -241,10 +241,11 @@ def require_categorical(attributes: tuple[Attribute, ...]) -> None:
 
 def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
                             maps: MapKind | None, seed: int, shrinkage: AlignShrinkage = "oas",
-                            max_iter: int = 2000, outliers: float | None = None) -> PredictedAlignment:
+                            max_iter: int = 2000, outliers: float | None = None,
+                            target: TargetCovariance = "pooled") -> PredictedAlignment:
     """Fit the alignment on standardised features z [N, D] and class ids b [N, A], and per attribute a logistic
     regression (scikit-learn, on standardised inputs; the scaling is folded into a `nn.Linear`) that predicts its
-    class from that stage's input. `outliers`: see `fit_alignment`."""
+    class from that stage's input. `outliers`, `target`: see `fit_alignment`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -260,7 +261,7 @@ def fit_predicted_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, .
                           "their rows get another class's map (with outliers=, only those near its pieces). Shuffle "
                           "the loader or read more samples.",
                           stacklevel=3)
-    alignment = fit_alignment(z, b, attributes, clusters, 8, maps, seed, shrinkage, outliers)
+    alignment = fit_alignment(z, b, attributes, clusters, 8, maps, seed, shrinkage, outliers, target)
     predictors, x = [], z.detach().float().cpu()
     for k, (attr, stage) in enumerate(zip(attributes, alignment.stages)):
         groups = b[:, k].long().cpu()
@@ -293,7 +294,7 @@ def default_maps(dim: int) -> MapKind:
 
 def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clusters: int | list[int] | None,
                   bins: int, maps: MapKind | None, seed: int, shrinkage: AlignShrinkage = 0.1,
-                  outliers: float | None = None) -> PiecewiseAlignment:
+                  outliers: float | None = None, target: TargetCovariance = "pooled") -> PiecewiseAlignment:
     """Fit the alignment on a sample of standardised features z [N, D] and attributes b [N, A] (class ids, values).
 
     Args:
@@ -305,8 +306,11 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
             piece in many dimensions), or by the OAS fraction of its sample size ("oas").
         outliers: a quantile q in (0, 1]: each piece's `radius` is the q-quantile of its rows' distances to its
             centroid, and a row beyond it keeps its features (None: every row is mapped).
+        target: the covariance each group's piece is mapped onto: the pooled piece's ("pooled"), or the geometric
+            or harmonic mean of the groups' own plus the spread of their means (`gaussian.mean_target`).
     """
     check_outliers(outliers)
+    check_target(target)
     x = z.detach().double().cpu().numpy()
     cols = b.detach().double().cpu().numpy()
     maps = maps or default_maps(x.shape[1])
@@ -326,7 +330,7 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
         pieces = given or choose_pieces(x, groups, present, seed)
         pieces = max(1, min(pieces, smallest // 2))
         stage = _fit_stage(x, groups, count, present, pieces, attr.kind == "continuous", maps, seed, shrinkage,
-                           None if edges is None else torch.from_numpy(edges).float(), outliers)
+                           None if edges is None else torch.from_numpy(edges).float(), outliers, target)
         stages.append(stage)
         if k < len(attributes) - 1:  # the next stage's input (a [N, D, D] gather with full maps): not after the last
             x = stage(torch.from_numpy(x).float(), torch.from_numpy(col).float()).double().numpy()
@@ -335,7 +339,7 @@ def fit_alignment(z: Tensor, b: Tensor, attributes: tuple[Attribute, ...], clust
 
 def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int], pieces: int, ordered: bool,
                maps: MapKind, seed: int, shrinkage: AlignShrinkage, edges: Tensor | None,
-               outliers: float | None = None) -> AlignmentStage:
+               outliers: float | None = None, target: TargetCovariance = "pooled") -> AlignmentStage:
     from sklearn.cluster import KMeans
 
     dim = x.shape[1]
@@ -349,24 +353,41 @@ def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int]
     stage = AlignmentStage(count, pieces, dim, maps, edges)
     diagonal = maps == "diagonal"
     for s in range(pieces):
-        pooled = x[slot_of == s]
-        mu, cov = pooled.mean(0), _covariance(pooled, shrinkage, diagonal)
-        for g in present:
-            k = int(np.flatnonzero(slots[g] == s)[0])
-            own = x[(groups == g) & (assign == k)]
+        members = [(g, int(np.flatnonzero(slots[g] == s)[0])) for g in present]
+        rows = [x[(groups == g) & (assign == k)] for g, k in members]
+        # Too few rows to estimate a shape: that piece is only moved (None).
+        covs = [_covariance(own, shrinkage, diagonal) if len(own) >= MIN_PIECE and maps != "shift" else None
+                for own in rows]
+        mu = x[slot_of == s].mean(0)
+        if maps == "shift":
+            cov = None
+        elif target == "pooled":
+            cov = _covariance(x[slot_of == s], shrinkage, diagonal)
+        else:
+            cov = _mean_of(rows, covs, target)
+        for (g, k), own, own_cov in zip(members, rows, covs):
             stage.source_mean[g, k] = torch.from_numpy(own.mean(0))
             if outliers is not None:
                 stage.radius[g, k] = float(np.quantile(np.linalg.norm(own - centroids[g, k], axis=1), outliers))
             stage.target_mean[g, k] = torch.from_numpy(mu)
-            if len(own) < MIN_PIECE:  # too few to estimate a shape: the piece is only moved
+            if own_cov is None:
                 continue
-            if maps == "full":
-                stage.linear[g, k] = torch.from_numpy(gaussian_map(_covariance(own, shrinkage), cov))
-            elif maps == "diagonal":
-                stage.linear[g, k] = torch.from_numpy(np.sqrt(cov / _covariance(own, shrinkage, diagonal)))
+            stage.linear[g, k] = torch.from_numpy(gaussian_map(own_cov, cov) if maps == "full"
+                                                  else np.sqrt(cov / own_cov))
     stage.centroids[present] = torch.from_numpy(centroids[present]).float()
     stage.slots = slots  # fit time only (not saved): which pooled piece each group's piece is matched to
     return stage
+
+
+def _mean_of(rows: list[np.ndarray], covs: list[np.ndarray | None], kind: TargetCovariance) -> np.ndarray | None:
+    """`mean_target` of one matched piece's groups: their rows and their covariances (None: too few rows; None if
+    no group has one, and then every group's piece is only moved)."""
+    if all(c is None for c in covs):
+        return None
+    shape = next(c.shape for c in covs if c is not None)
+    stacked = np.stack([np.zeros(shape) if c is None else c for c in covs])
+    return mean_target(np.stack([r.mean(0) for r in rows]), stacked, np.array([len(r) for r in rows], float),
+                       np.array([c is not None for c in covs]), kind)  # type: ignore[arg-type]
 
 
 def _match(centroids: np.ndarray, present: list[int], ordered: bool) -> np.ndarray:

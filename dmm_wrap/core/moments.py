@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..config import AlignShrinkage
 from .alignment import MIN_PIECE, AlignmentStage
-from .gaussian import gaussian_map, shrink_covariance
+from .gaussian import TargetCovariance, check_target, gaussian_map, mean_target, shrink_covariance
 
 
 class PieceMoments:
@@ -44,9 +44,12 @@ class PieceMoments:
             self.squares[c] += rows.T @ rows
 
 
-def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: AlignShrinkage = "oas") -> None:
+def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: AlignShrinkage = "oas",
+               target: TargetCovariance = "pooled") -> None:
     """Re-estimate a fitted stage's means and maps from `moments`, keeping its pieces and their matching (the
-    stage must come from `fit_alignment` in this process: the matching is not saved)."""
+    stage must come from `fit_alignment` in this process: the matching is not saved). `target`: see
+    `fit_alignment`."""
+    check_target(target)
     slots = getattr(stage, "slots", None)
     if slots is None:
         raise ValueError("refit_maps needs a stage fitted in this process (its matching of pieces is not saved).")
@@ -79,8 +82,12 @@ def refit_maps(stage: AlignmentStage, moments: PieceMoments, shrinkage: AlignShr
         if not cells:
             continue
         mu, cov = mean_cov([raw_moments(g, k) for g, k in cells])
-        for g, k in cells:
-            own_mu, own_cov = mean_cov([raw_moments(g, k)])
+        owns = [mean_cov([raw_moments(g, k)]) for g, k in cells]
+        rows = np.array([count[g, k] for g, k in cells])
+        if target != "pooled" and stage.maps != "shift":
+            cov = mean_target(np.stack([o[0] for o in owns]), np.stack([o[1] for o in owns]), rows,
+                              rows >= MIN_PIECE, target)
+        for (g, k), (own_mu, own_cov) in zip(cells, owns):
             stage.source_mean[g, k] = torch.from_numpy(own_mu)
             stage.target_mean[g, k] = torch.from_numpy(mu)
             if stage.maps == "shift":

@@ -15,6 +15,7 @@ import torch
 
 from ..config import AlignMaps, AlignShrinkage, Attribute, check_shrinkage
 from ..core.alignment import PredictedAlignment, check_outliers, fit_predicted_alignment, require_categorical
+from ..core.gaussian import TargetCovariance, check_target
 from ..core.joint import JointGroups, check_bins
 from ..core.moments import PieceMoments, refit_maps
 from ..data.batches import iterate_batches
@@ -34,7 +35,8 @@ class AlignmentHeadMixin:
     def fit_alignment_head(self, loader: Iterable, *, clusters: int | list[int] | None = None, samples: int = 8192,
                            maps: AlignMaps | None = None, seed: int = 0, stream: bool = True,
                            shrinkage: AlignShrinkage = "oas", joint: bool | None = None,
-                           bins: int = 4, outliers: float | None = None) -> PredictedAlignment:
+                           bins: int = 4, outliers: float | None = None,
+                           target: TargetCovariance = "geometric") -> PredictedAlignment:
         """Make h_theta a fitted alignment that needs no B at inference, instead of training the MLP with `fit`.
 
         Reads `samples` rows of `(inputs, attrs)` batches through the frozen backbone, standardises them, fits the
@@ -46,29 +48,27 @@ class AlignmentHeadMixin:
         With `joint`, every combination of the attributes' classes and bins is one group of one stage (so streamed
         too); otherwise they are aligned one after the other. It suits attributes a linear model reads from Z (a
         tint, a stain, a rotation the encoder encodes): where one is not, a wrong prediction applies another
-        group's map. Fit it on many more rows than a probe gets: on the suite's conv problem a fresh probe trained
-        on 1,500 others reads the site at 0.461 when the head was fitted on as many, 0.354 on 4x (chance 0.333;
-        test split, seeds 0-2). The model then saves, loads and runs as any other; `fit` refuses it.
+        group's map. Fit it on many more rows than a probe gets (conv, test: a probe trained on 1,500 rows reads the
+        site at 0.461 after a head fitted on as many, 0.354 on 4x). It saves, loads and runs as any model.
 
         Args:
             clusters: pieces per group, for all attributes or one per attribute (None: `core.pieces.choose_pieces`).
             samples: rows the pieces, their matching and the predictor are fitted on (held in memory).
             stream: with one attribute, re-estimate the maps from every row of the loader (one pass); False stops
                 reading after `samples` rows. With several attributes only the sample is read.
-            maps: per-piece maps, "full", "diagonal" or "shift" (None: full up to 256 features). Full maps gather a
-                [N, D, D] tensor per batch at inference (about 270 MB for 1,024 rows of 256 features): use smaller
-                batches, or "diagonal".
+            maps: per-piece maps, "full", "diagonal" or "shift" (None: full up to 256 features). Full maps gather
+                [N, D, D] per batch (270 MB for 1,024 rows of 256 features): use smaller batches, or "diagonal".
             seed: k-means seed.
             joint: align the joint groups (`dmm_wrap.core.joint`; None: when an attribute is continuous, which
-                False refuses). On digits (site, rotation, width) they removed all three; one after the other
-                broke the digit (README, "Leakage benchmark suite").
+                False refuses). On digits they removed all three attributes; one after the other broke the digit.
             bins: quantile bins of each continuous attribute in the joint groups (edges from the sample).
             outliers: a row farther from its piece's centroid than this quantile of the sample's distances in that
                 piece keeps its features (None: every row is mapped): a site never seen in training is not moved by
                 a seen group's maps.
-            shrinkage: each piece's covariance is shrunk towards its mean variance before its map is fitted, by the
-                Oracle Approximating Shrinkage fraction of its own row count ("oas") or by a fixed fraction in [0, 1].
-                On the suite's conv problem (val, seeds 0, 1) "oas" read 0.458 (0.1: 0.560, 0: 0.701, task lost).
+            shrinkage: each piece's covariance is shrunk towards its mean variance, by the OAS fraction of its row
+                count ("oas") or a fraction in [0, 1] (conv, val, seeds 0, 1: "oas" 0.458, 0.1 0.560, 0 0.701).
+            target: what each group's piece is mapped onto: "geometric", "harmonic" (`core.gaussian.mean_target`)
+                or "pooled", the pooled piece's covariance (until 2026-12-02), which stretched thin groups.
 
         Returns:
             The fitted map (also `self.heads.h`).
@@ -83,6 +83,7 @@ class AlignmentHeadMixin:
             require_categorical(self.attributes)
         stages = 1 if joint else len(self.attributes)
         _check_arguments(stages, clusters, samples, maps, stream, shrinkage, joint, bins, outliers)
+        check_target(target)
         # HeadConfig's own check that the head fits this encoder (out_dim), before the backbone pass.
         dataclasses.replace(self.head_config, align_head_pieces=[1] * stages)
         device = self.device
@@ -98,9 +99,9 @@ class AlignmentHeadMixin:
             mean, std = torch.zeros(z.shape[1]), torch.ones(z.shape[1])
         groups, attributes, b = _stage_groups(b, self.attributes, joint, bins)
         head = fit_predicted_alignment((z - mean) / std, b, attributes, clusters, maps, seed, shrinkage,
-                                       outliers=outliers)
+                                       outliers=outliers, target=target)
         if stream and len(attributes) == 1 and len(read[0]) >= samples:
-            _refit_from_stream(head, read, batches, mean, std, shrinkage, groups)
+            _refit_from_stream(head, read, batches, mean, std, shrinkage, groups, target)
         self.head_config = dataclasses.replace(
             self.head_config, align_head_pieces=[int(st.centroids.shape[1]) for st in head.alignment.stages],
             align_head_maps=head.alignment.stages[0].maps,
@@ -163,7 +164,7 @@ def _check_arguments(attributes: int, clusters: object, samples: object, maps: o
 
 def _refit_from_stream(head: PredictedAlignment, read: tuple[torch.Tensor, torch.Tensor], batches: Iterator,
                        mean: torch.Tensor, std: torch.Tensor, shrinkage: AlignShrinkage,
-                       groups: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                       groups: Callable[[torch.Tensor], torch.Tensor], target: TargetCovariance) -> None:
     """Re-estimate the single stage's maps from every row: those already `read` (the sample's included) and the rest
     of `batches`, whose moments are accumulated batch by batch; the pieces and their matching stay the sample's.
     `groups` maps a batch's attribute rows to the stage's group ids."""
@@ -172,7 +173,7 @@ def _refit_from_stream(head: PredictedAlignment, read: tuple[torch.Tensor, torch
     moments.add(stage, (read[0] - mean) / std, groups(read[1]))
     for z, b in batches:
         moments.add(stage, (z.cpu() - mean) / std, groups(b.cpu()))
-    refit_maps(stage, moments, shrinkage)
+    refit_maps(stage, moments, shrinkage, target)
 
 
 __all__ = ["AlignmentHeadMixin"]
