@@ -118,6 +118,8 @@ def test_bad_input_is_refused_with_the_fix(fitted) -> None:
         DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, clusters=[2, 2])
     with pytest.raises(ValueError, match="maps must be one of"):
         DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, maps="ful")
+    with pytest.raises(ValueError, match=r"target must be one of \('pooled', 'geometric', 'harmonic'\), got 'mean'"):
+        DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, target="mean")
     for shrinkage in (1.5, "ledoit", True):
         with pytest.raises(ValueError, match=r'shrinkage must be a number in \[0, 1\] or "oas"'):
             DebiasedEncoder(frozen_encoder(), None, [SITE]).fit_alignment_head(loader, shrinkage=shrinkage)

@@ -358,11 +358,12 @@ def _fit_stage(x: np.ndarray, groups: np.ndarray, count: int, present: list[int]
         # Too few rows to estimate a shape: that piece is only moved (None).
         covs = [_covariance(own, shrinkage, diagonal) if len(own) >= MIN_PIECE and maps != "shift" else None
                 for own in rows]
-        mu = x[slot_of == s].mean(0)
+        pooled = x[slot_of == s]
+        mu = pooled.mean(0)
         if maps == "shift":
             cov = None
         elif target == "pooled":
-            cov = _covariance(x[slot_of == s], shrinkage, diagonal)
+            cov = _covariance(pooled, shrinkage, diagonal)
         else:
             cov = _mean_of(rows, covs, target)
         for (g, k), own, own_cov in zip(members, rows, covs):

@@ -82,8 +82,7 @@ class AlignmentHeadMixin:
         if not joint:
             require_categorical(self.attributes)
         stages = 1 if joint else len(self.attributes)
-        _check_arguments(stages, clusters, samples, maps, stream, shrinkage, joint, bins, outliers)
-        check_target(target)
+        _check_arguments(stages, clusters, samples, maps, stream, shrinkage, joint, bins, outliers, target)
         # HeadConfig's own check that the head fits this encoder (out_dim), before the backbone pass.
         dataclasses.replace(self.head_config, align_head_pieces=[1] * stages)
         device = self.device
@@ -140,13 +139,14 @@ def _read_sample(batches: Iterator, samples: int) -> tuple[torch.Tensor, torch.T
 
 
 def _check_arguments(attributes: int, clusters: object, samples: object, maps: object, stream: object,
-                     shrinkage: object, joint: object, bins: object, outliers: object) -> None:
+                     shrinkage: object, joint: object, bins: object, outliers: object, target: object) -> None:
     """Raise, with what was expected, on a bad argument of `fit_alignment_head` (before the backbone pass);
     `attributes` is the number of stages (1 for joint groups)."""
     if not isinstance(joint, bool):
         raise ValueError(f"joint must be True, False or None, got {joint!r}.")
     check_bins(bins)
     check_outliers(outliers)
+    check_target(target)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an int >= 2, got {samples!r}.")
     counts = clusters if isinstance(clusters, list) else [clusters]
